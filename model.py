@@ -1,0 +1,609 @@
+"""
+nanoRxT: the Reactive Transformer (RxT) in one file.
+
+RxT is a stateful, event-driven chat model. For every interaction (turn) t:
+  1. the decoder answers the query, reading the previous Short-Term Memory STM_{t-1}
+     through memory cross-attention (the only context it has: it never re-reads the history);
+  2. afterwards the encoder encodes the whole interaction `[BOS][Q] query [A] answer [EOS]`
+     into encoded data ED_t, and the memory attention network writes it into memory:
+     STM_t = MemAttn(STM_{t-1}, ED_t), through a sigmoid residual gate.
+Every turn costs the same however long the conversation is: O(N*T) per conversation, not O(N^2*T).
+
+Read top to bottom: config -> RoPE -> attention (the SQA family) -> feed-forward (SwiGLU, MoE)
+-> encoder and decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline.
+Paper: Filipek, "Reactive Transformer (RxT)", arXiv 2510.03561. Spec: DESIGN.md.
+Notation: B batch, T tokens, L layers, D model dim, H heads (fixes hd = D/H), Hq query heads,
+Hkv key/value heads, S STM slots per layer, V vocab, E experts, k experts per token.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 7500
+    d_model: int = 128
+    n_layers: int = 6
+    n_heads: int = 8  # only fixes the head size hd = d_model // n_heads
+    n_q_heads: int = 4  # Sparse Query Attention: fewer query heads than n_heads
+    n_kv_heads: int = 4
+    enc_ff_dim: int = 384  # encoder dense SwiGLU hidden size
+    n_experts: int = 12  # decoder MoE
+    top_k: int = 2
+    expert_dim: int = 256
+    seq_len: int = 256  # longest single interaction
+    stm_size: int = 256  # S, memory slots per layer
+    memory_attention: str = "self-interlayer"  # simple | self | interlayer | self-interlayer
+    gate_type: str = "linear"  # static | elementwise | linear | none (plain residual, for comparison)
+    encoder_cross_attention: bool = False  # only the RxT-Alpha Mini *Base* encoder card has it
+    enc_cross_q_heads: int = 8
+    enc_cross_kv_heads: int = 4
+    rope_base: float = 10000.0
+    stm_init_std: float = 0.02
+
+    def __post_init__(self):
+        assert self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"
+        assert (self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head size"
+        assert self.n_q_heads % self.n_kv_heads == 0, "query heads must be a multiple of kv heads"
+        assert self.top_k <= self.n_experts
+        assert self.memory_attention in ("simple", "self", "interlayer", "self-interlayer"), self.memory_attention
+        assert self.gate_type in ("static", "elementwise", "linear", "none"), self.gate_type
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+
+# The seeds' sizes (micro, mini) and the CPU demo (nano). Parameter counts are checked in tests.
+PRESETS = {
+    "nano": ModelConfig(vocab_size=2048, d_model=96, n_layers=4, n_heads=4, n_q_heads=2, n_kv_heads=2,
+                        enc_ff_dim=256, n_experts=4, top_k=2, expert_dim=192, seq_len=128, stm_size=64,
+                        memory_attention="interlayer", gate_type="elementwise"),
+    "micro": ModelConfig(),
+    # Mini: linear gates would be 1024x1024 per gate, so per-slot elementwise gates (DESIGN 2.6)
+    "mini": ModelConfig(vocab_size=10000, d_model=256, n_layers=8, n_heads=16, n_q_heads=8, n_kv_heads=8,
+                        enc_ff_dim=768, n_experts=16, top_k=2, expert_dim=512, seq_len=1024, stm_size=1024,
+                        gate_type="elementwise", encoder_cross_attention=True),
+}
+
+
+def get_config(preset, **overrides):
+    """A preset's ModelConfig with some fields replaced (unknown fields are an error)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+# -----------------------------------------------------------------------------
+# RoPE: positions only where positions exist (DESIGN 2.2)
+
+
+def rope(positions, head_dim, base):
+    """cos, sin of the rotation angles for integer positions (T,) or (B, T)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (T, hd/2) or (B, T, hd/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, hd/2): broadcast over heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, T, hd) by position, half-split layout: q.k then depends only on the offset."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Attention: one class for MHA, GQA, MQA and Sparse Query Attention (SQA, sSQA, xSQA)
+
+
+class KVCache:
+    """Self-attention keys/values of the current interaction only; preallocated, one step appended per forward."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k, v):  # (B, Hkv, T, hd) each
+        if self.k is None:
+            B, Hkv, _, hd = k.shape
+            self.k = k.new_empty(B, Hkv, self.max_len, hd)
+            self.v = v.new_empty(B, Hkv, self.max_len, hd)
+        T = k.size(2)
+        assert self.len + T <= self.max_len, "KV cache overflow"
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class Attention(nn.Module):
+    """The attention family by (H, Hq, Hkv): MHA (Hq=Hkv=H), GQA/MQA (fewer kv heads), SQA (fewer *query* heads)."""
+
+    def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads):
+        super().__init__()
+        self.hd, self.n_q, self.n_kv = d_model // n_heads, n_q_heads, n_kv_heads
+        # SQA's saving: with Hq < H the score matmuls (T x T per head) cost Hq/H of MHA's
+        self.q_proj = nn.Linear(d_model, n_q_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
+        self.out_proj = nn.Linear(n_q_heads * self.hd, d_model, bias=True)
+
+    def project_kv(self, kv, k_rope=None):
+        """Keys and values (B, Hkv, M, hd) of a source; cacheable (e.g. the STM once per turn)."""
+        B, M, _ = kv.shape
+        k = self.k_proj(kv).view(B, M, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(kv).view(B, M, self.n_kv, self.hd).transpose(1, 2)
+        if k_rope is not None:
+            k = apply_rope(k, *k_rope)
+        return k, v
+
+    def forward(self, x, kv=None, *, q_rope=None, k_rope=None, mask=None, is_causal=False, kv_cached=None, cache=None):
+        # x (B, T, D) queries; kv (B, M, D) source (None: self-attention); mask bool, True = may attend
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_q, self.hd).transpose(1, 2)  # (B, Hq, T, hd)
+        if q_rope is not None:
+            q = apply_rope(q, *q_rope)
+        k, v = kv_cached if kv_cached is not None else self.project_kv(x if kv is None else kv, k_rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, Hkv, T_cache, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_q != self.n_kv)  # (B, Hq, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.hd))
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU (encoder) and Mixture-of-Experts (decoder)
+
+
+class SwiGLU(nn.Module):
+    """Dense gated feed-forward of the encoder: W2(silu(Wg x) * Wu x)."""
+
+    def __init__(self, d_model, hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Decoder feed-forward: a softmax router sends each token to its top-k SwiGLU experts."""
+
+    def __init__(self, d_model, n_experts, top_k, hidden):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # experts stacked as (E, ...) tensors: expert e is SwiGLU(w_gate[e], w_up[e], w_down[e])
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+
+    def forward(self, x):  # (B, T, D) -> (B, T, D), load-balancing loss
+        shape, D = x.shape, x.size(-1)
+        x = x.reshape(-1, D)  # (N, D)
+        probs = F.softmax(self.router(x).float(), dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise the k chosen
+        # Switch-style balancing loss E * sum_e f_e * P_e: equals 1 at perfectly uniform routing
+        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
+        f = counts.float() / experts.numel()
+        aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        # dispatch without a loop over tokens: sort the N*k routing slots by expert, run each expert once on its slice
+        order = experts.flatten().argsort()  # (N*k,)
+        token_of_slot = order // self.top_k
+        slot_weight = weights.flatten()[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            idx = token_of_slot[start:start + n]
+            xe = x[idx]  # (n, D)
+            ye = (F.silu(xe @ self.w_gate[e]) * (xe @ self.w_up[e])) @ self.w_down[e]  # (n, D)
+            out.index_add_(0, idx, (ye * slot_weight[start:start + n, None].to(ye.dtype)).to(out.dtype))
+            start += n
+        return out.view(shape), aux_loss
+
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder (pre-norm, RMSNorm)
+
+
+class EncoderLayer(nn.Module):
+    """Memory-encoder layer: bidirectional self-attention + dense SwiGLU (+ STM cross-attention on the Mini-Base card)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.norm1 = nn.RMSNorm(D)
+        self.attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+        self.cross_attn = None
+        if cfg.encoder_cross_attention:
+            self.norm_cross, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
+            self.cross_attn = Attention(D, cfg.n_heads, cfg.enc_cross_q_heads, cfg.enc_cross_kv_heads)
+        self.norm2 = nn.RMSNorm(D)
+        self.ff = SwiGLU(D, cfg.enc_ff_dim)
+
+    def forward(self, x, rope_cs, mask=None, stm_l=None):
+        x = x + self.attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, mask=mask)
+        if self.cross_attn is not None and stm_l is not None:  # STM is a set: keys carry no position
+            x = x + self.cross_attn(self.norm_cross(x), self.stm_norm(stm_l), q_rope=rope_cs)
+        return x + self.ff(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    """Memory encoder: turns a whole interaction into encoded data ED = every layer's hidden states."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, x, mask=None, stm=None):
+        # x (B, T, D) embeddings; mask (B, T) bool, True = real token; stm (L, B, S, D) or None
+        T = x.size(1)
+        rope_cs = rope(torch.arange(T, device=x.device), self.cfg.head_dim, self.cfg.rope_base)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): key padding
+        ed = []
+        for l, layer in enumerate(self.layers):
+            x = layer(x, rope_cs, attn_mask, None if stm is None else stm[l])
+            ed.append(x)
+        return torch.stack(ed), x  # ED (L, B, T, D), last hidden state (B, T, D)
+
+
+class DecoderLayer(nn.Module):
+    """Generator-decoder layer: causal self-attention -> memory cross-attention to the STM -> MoE."""
+
+    def __init__(self, cfg, memory_cross_attention=True):
+        super().__init__()
+        D = cfg.d_model
+        self.norm1 = nn.RMSNorm(D)
+        self.self_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+        self.cross_attn = None
+        if memory_cross_attention:
+            self.norm2, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
+            self.cross_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+        self.norm3 = nn.RMSNorm(D)
+        self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim)
+
+    def memory_kv(self, memory_l):
+        """K/V of one memory layer (B, S, D): queries are rotated, memory keys are not (the STM is a set)."""
+        return self.cross_attn.project_kv(self.stm_norm(memory_l))
+
+    def forward(self, x, rope_cs, memory_kv=None, memory_mask=None, self_mask=None, is_causal=True, cache=None):
+        x = x + self.self_attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, mask=self_mask, is_causal=is_causal,
+                               cache=cache)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm2(x), q_rope=rope_cs, kv_cached=memory_kv, mask=memory_mask)
+        h, aux_loss = self.moe(self.norm3(x))
+        return x + h, aux_loss
+
+
+class Decoder(nn.Module):
+    """The generator: (shared) embeddings in, decoder layers reading memory, final RMSNorm, untied LM head."""
+
+    def __init__(self, cfg, memory_cross_attention=True):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(DecoderLayer(cfg, memory_cross_attention) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)  # our deviation: the reference has no final norm; it stabilises training
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def memory_kv(self, memory):
+        """Per-layer memory K/V, computed once per turn and reused for every generated token."""
+        if self.layers[0].cross_attn is None:
+            return [None] * len(self.layers)
+        return [layer.memory_kv(memory[l]) for l, layer in enumerate(self.layers)]
+
+    def forward(self, x, memory_kv=None, memory_mask=None, positions=None, self_mask=None, caches=None):
+        # x (B, T, D); memory_kv from memory_kv(); memory_mask (B, M) bool or None; positions (T,) or (B, T)
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(T, device=x.device)
+        rope_cs = rope(positions, self.cfg.head_dim, self.cfg.rope_base)
+        # a prompt into an empty cache is plain causal; one new token attends every cached key
+        is_causal = self_mask is None and T > 1
+        assert not (is_causal and caches is not None and caches[0].len > 0), "multi-token step on a filled cache"
+        mem_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        memory_kv = memory_kv or [None] * len(self.layers)
+        aux_loss = 0.0
+        for l, layer in enumerate(self.layers):
+            x, aux = layer(x, rope_cs, memory_kv[l], mem_mask, self_mask, is_causal, None if caches is None else caches[l])
+            aux_loss = aux_loss + aux
+        return self.lm_head(self.norm(x)), aux_loss / len(self.layers)
+
+    @torch.no_grad()
+    def stream(self, embed, ids, mask=None, memory_kv=None, *, max_new_tokens=64, temperature=1.0, top_k=None,
+               top_p=None, eos_id=None, generator=None):
+        """Yield the next token (B,) per step, with a real incremental KV cache: one token per forward after the
+        prompt. ids (B, T) right-padded prompts, mask (B, T) bool. Stops when every row has sampled eos_id."""
+        B, T = ids.shape
+        caches = [KVCache(T + max_new_tokens) for _ in self.layers]
+        if mask is None:
+            logits, _ = self(embed(ids), memory_kv, caches=caches)
+            lengths = torch.full((B,), T, device=ids.device)
+            key_valid = None
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            logits, _ = self(embed(ids), memory_kv, self_mask=causal & mask[:, None, None, :], caches=caches)
+            lengths = mask.sum(dim=1)
+            key_valid = mask  # pads stay in the cache, masked out
+        next_logits = logits[torch.arange(B, device=ids.device), lengths - 1]  # (B, V) after each row's last token
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            tok = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
+            yield tok
+            if eos_id is not None:
+                done |= tok == eos_id
+                if done.all():
+                    return
+            if step == max_new_tokens - 1:
+                return
+            self_mask = None
+            if key_valid is not None:
+                key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], dim=1)
+                self_mask = key_valid[:, None, None, :]
+            positions = (lengths + step)[:, None]  # (B, 1): each row's own position (right padding)
+            logits, _ = self(embed(tok[:, None]), memory_kv, positions=positions, self_mask=self_mask, caches=caches)
+            next_logits = logits[:, -1]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Sample (B,) tokens from (B, V) logits; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = F.softmax(sorted_logits, dim=-1)
+        drop = p.cumsum(dim=-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class MLMHead(nn.Module):
+    """Masked-language-model head for the encoder (training only): Linear -> GELU -> LayerNorm -> Linear."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, h):
+        return self.out(self.norm(F.gelu(self.dense(h))))
+
+
+# -----------------------------------------------------------------------------
+# Memory attention: the write path into the Short-Term Memory (DESIGN 2.5, 2.6)
+
+
+class ResidualGate(nn.Module):
+    """Sigmoid per-slot gate of a memory write: STM_t = (1 - G) * STM_{t-1} + G * Update, G (B, S, 1)."""
+
+    def __init__(self, kind, n_slots):
+        super().__init__()
+        self.kind = kind
+        if kind == "static":
+            self.w = nn.Parameter(torch.full((n_slots, 1), -1.0))  # sigmoid(-1) ~ 0.27 at init
+        elif kind == "elementwise":
+            self.w = nn.Parameter(torch.ones(n_slots))
+            self.b = nn.Parameter(torch.full((n_slots,), -1.0))
+        elif kind == "linear":
+            self.lin = nn.Linear(n_slots, n_slots)  # mixes evidence across slots (RxT-Alpha Micro)
+
+    def forward(self, stm, update):  # (B, S, D) each
+        if self.kind == "none":  # plain residual: norms grow turn after turn (kept to show why the gate exists)
+            return stm + update
+        if self.kind == "static":
+            g = torch.sigmoid(self.w)  # (S, 1)
+        else:
+            m = (stm + update).mean(dim=-1)  # (B, S)
+            z = self.w * m + self.b if self.kind == "elementwise" else self.lin(m)
+            g = torch.sigmoid(z)[..., None]  # (B, S, 1)
+        return (1 - g) * stm + g * update
+
+
+class MemoryAttentionLayer(nn.Module):
+    """Writes one layer of encoded data into one STM layer (after an optional STM-to-STM step, per variant)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, S = cfg.d_model, cfg.stm_size
+        self.variant = cfg.memory_attention
+        if self.variant != "simple":  # self / inter-layer step first: STM -> STM, no positions anywhere
+            self.pre_norm_q, self.pre_norm_kv = nn.RMSNorm(D), nn.RMSNorm(D)
+            self.pre_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+            self.pre_gate = ResidualGate(cfg.gate_type, S)
+            if self.variant == "self-interlayer":
+                self.mix = nn.Parameter(torch.zeros(S, 1))  # per-slot mix of own layer vs layer mean, sigmoid(0)=0.5
+        self.norm_stm, self.norm_ed = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+        self.gate = ResidualGate(cfg.gate_type, S)
+
+    def forward(self, stm_l, stm_mean, ed_l, ed_rope, ed_mask):
+        # stm_l, stm_mean (B, S, D); ed_l (B, T, D); ed_mask (B, 1, 1, T) or None
+        if self.variant != "simple":
+            if self.variant == "self":
+                kv = self.pre_norm_kv(stm_l)
+            elif self.variant == "interlayer":
+                kv = self.pre_norm_kv(stm_mean)
+            else:
+                m = torch.sigmoid(self.mix)
+                kv = m * self.pre_norm_kv(stm_l) + (1 - m) * self.pre_norm_kv(stm_mean)
+            stm_l = self.pre_gate(stm_l, self.pre_attn(self.pre_norm_q(stm_l), kv))
+        # main step: slots query the interaction's tokens; only the token keys carry positions
+        update = self.attn(self.norm_stm(stm_l), self.norm_ed(ed_l), k_rope=ed_rope, mask=ed_mask)
+        return self.gate(stm_l, update)
+
+
+class MemoryAttention(nn.Module):
+    """The memory write path, layer by layer: STM_t = MemAttn(STM_{t-1}, ED_t)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(MemoryAttentionLayer(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, stm, ed, ed_mask=None):  # stm (L, B, S, D), ed (L, B, T, D), ed_mask (B, T) -> (L, B, S, D)
+        T = ed.size(2)
+        ed_rope = rope(torch.arange(T, device=ed.device), self.cfg.head_dim, self.cfg.rope_base)
+        mask = None if ed_mask is None else ed_mask[:, None, None, :]
+        stm_mean = stm.mean(dim=0)  # (B, S, D): what the inter-layer variants attend to
+        return torch.stack([layer(stm[l], stm_mean, ed[l], ed_rope, mask) for l, layer in enumerate(self.layers)])
+
+
+# -----------------------------------------------------------------------------
+# The Reactive Transformer
+
+
+def init_weights(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, MoEFeedForward):
+            for w in (m.w_gate, m.w_up, m.w_down):
+                nn.init.normal_(w, std=0.02)
+        if isinstance(m, ResidualGate) and m.kind == "linear":
+            nn.init.constant_(m.lin.bias, -1.0)  # start with small gates: memory changes gradually
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+class ReactiveTransformer(nn.Module):
+    """RxT: a decoder that answers reading the STM, an encoder + memory attention that write each interaction into it.
+
+    The STM (L, B, S, D) is explicit state, passed around like an RNN hidden state:
+        stm = model.new_memory(1)
+        for tok in model.interact(query_ids, stm, eos_id=eos): ...      # answer, reading STM_{t-1}
+        stm = model.update_memory(stm, interaction_ids)                   # write the turn: STM_t
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # shared by encoder, decoder (and so the memory space)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.memory_attention = MemoryAttention(cfg)
+        self.mlm_head = MLMHead(cfg)
+        init_weights(self)
+
+    def new_memory(self, batch_size, generator=None):
+        """A fresh STM (L, B, S, D) of small Gaussian noise."""
+        c = self.cfg
+        stm = torch.randn(c.n_layers, batch_size, c.stm_size, c.d_model, generator=generator) * c.stm_init_std
+        return stm.to(self.embed.weight.device)
+
+    def encode(self, ids, mask=None, stm=None):
+        """Encoded data of a full interaction: ED (L, B, T, D) and the last hidden state (B, T, D)."""
+        return self.encoder(self.embed(ids), mask, stm if self.cfg.encoder_cross_attention else None)
+
+    def decode(self, ids, memory, memory_mask=None):
+        """Next-token logits (B, T, V) and the MoE balancing loss, reading memory (L, B, M, D) - the STM, or
+        (in joint pre-training) the encoder's ED with its padding mask (B, M)."""
+        return self.decoder(self.embed(ids), self.decoder.memory_kv(memory), memory_mask)
+
+    def update_memory(self, stm, ids, mask=None):
+        """STM_t = MemAttn(STM_{t-1}, ED_t) for the full interaction `[BOS][Q] query [A] answer [EOS]`."""
+        ed, _ = self.encode(ids, mask, stm)
+        return self.memory_attention(stm, ed, mask)
+
+    def mlm_logits(self, ids, mask=None):
+        return self.mlm_head(self.encode(ids, mask)[1])
+
+    @torch.no_grad()
+    def interact(self, query_ids, stm, *, temperature=1.0, top_k=None, top_p=None, max_new_tokens=64, eos_id=None,
+                 generator=None):
+        """Yield answer token ids (ints) for one query `[BOS][Q] query [A]`, reading STM; stops before [EOS].
+        The caller then writes the turn with update_memory (chat.py does it in a background thread)."""
+        ids = torch.as_tensor(query_ids, device=self.embed.weight.device).view(1, -1)
+        memory_kv = self.decoder.memory_kv(stm)  # the STM's K/V: once per turn
+        for tok in self.decoder.stream(self.embed, ids, None, memory_kv, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                                       generator=generator):
+            if tok.item() == eos_id:
+                return
+            yield tok.item()
+
+    @torch.no_grad()
+    def generate(self, query_ids, query_mask, stm, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
+                 eos_id=None, generator=None):
+        """Batched answers for right-padded queries (B, T): tokens (B, N) and lengths (B,) counting the [EOS]."""
+        memory_kv = self.decoder.memory_kv(stm)
+        return collect(self.decoder.stream(self.embed, query_ids, query_mask, memory_kv, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                                           generator=generator), query_ids.size(0), eos_id, query_ids.device)
+
+    def param_counts(self):
+        """Sizes per component, counted like the model cards: the shared embedding in encoder and decoder."""
+        c, emb = self.cfg, count_params(self.embed)
+        dec = emb + count_params(self.decoder)
+        expert = 3 * c.d_model * c.expert_dim
+        return {
+            "encoder": emb + count_params(self.encoder),
+            "decoder": dec,
+            "decoder_active": dec - c.n_layers * (c.n_experts - c.top_k) * expert,
+            "memory_attention": count_params(self.memory_attention),
+            "mlm_head": count_params(self.mlm_head),
+            "total": count_params(self),
+        }
+
+
+def collect(stream, B, eos_id, device):
+    """Run a token stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
+    tokens = torch.stack(list(stream), dim=1)  # (B, N)
+    lengths = torch.full((B,), tokens.size(1), device=device)
+    if eos_id is not None:
+        is_eos = tokens == eos_id
+        first = is_eos.float().argmax(dim=1) + 1
+        lengths = torch.where(is_eos.any(dim=1), first, lengths)
+    return tokens, lengths
+
+
+# -----------------------------------------------------------------------------
+# The stateless baseline (DESIGN 2.8)
+
+
+class StatelessDecoder(nn.Module):
+    """Baseline: the same decoder without memory cross-attention - a plain decoder-only LLM that must re-read the
+    whole conversation every turn."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.decoder = Decoder(cfg, memory_cross_attention=False)
+        init_weights(self)
+
+    def forward(self, ids):
+        return self.decoder(self.embed(ids))
+
+    @torch.no_grad()
+    def generate(self, ids, mask=None, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 generator=None):
+        return collect(self.decoder.stream(self.embed, ids, mask, None, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                                           generator=generator), ids.size(0), eos_id, ids.device)
