@@ -1,0 +1,294 @@
+"""Facts about the Reactive Transformer in model.py, checked on tiny configs on CPU."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import Attention, ModelConfig, MoEFeedForward, ReactiveTransformer, StatelessDecoder
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_q_heads=2, n_kv_heads=2, enc_ff_dim=48,
+                n_experts=4, top_k=2, expert_dim=24, seq_len=32, stm_size=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ReactiveTransformer(tiny(**kw)).eval()
+
+
+# --- sizes ---------------------------------------------------------------------------------------------------------
+
+def test_micro_parameter_counts_match_the_cards():
+    # cards / DESIGN 2.7: encoder ~2.05M (card ~2.1M), decoder ~9.4M total / ~3.5M active, memory attention ~1.2M,
+    # MLM head ~0.98M
+    counts = ReactiveTransformer(model.PRESETS["micro"]).param_counts()
+    assert counts == {"encoder": 2_043_648, "decoder": 9_412_556, "decoder_active": 3_514_316,
+                      "memory_attention": 1_188_864, "mlm_head": 984_268, "total": 12_669_336}
+
+
+def test_mini_parameter_counts_match_the_cards():
+    # DESIGN 2.7: encoder ~9.1M with its 8q/4kv memory cross-attention (card ~11M), decoder ~58M / ~13.6M active,
+    # MLM head ~2.6M
+    counts = ReactiveTransformer(model.PRESETS["mini"]).param_counts()
+    assert counts == {"encoder": 9_125_888, "decoder": 57_604_112, "decoder_active": 13_563_920,
+                      "memory_attention": 2_150_400, "mlm_head": 2_636_304, "total": 68_956_704}
+
+
+def test_nano_preset_fits_the_cpu_demo_budget():
+    cfg = model.PRESETS["nano"]
+    assert cfg.d_model <= 96 and cfg.n_layers <= 4 and cfg.vocab_size <= 4096 and cfg.stm_size <= 128
+    assert cfg.n_q_heads == cfg.n_kv_heads == cfg.n_heads // 2  # sSQA
+    assert ReactiveTransformer(cfg).param_counts()["total"] <= 3_000_000
+
+
+def test_unknown_config_field_is_an_error():
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        model.get_config("nano", d_modle=64)
+
+
+# --- attention -----------------------------------------------------------------------------------------------------
+
+def naive_attention(attn, x, kv, mask=None):
+    """Attention written out with explicit matmuls and repeated kv heads."""
+    B, T, _ = x.shape
+    hd, Hq, Hkv = attn.hd, attn.n_q, attn.n_kv
+    q = (x @ attn.q_proj.weight.T).view(B, T, Hq, hd).transpose(1, 2)
+    k = (kv @ attn.k_proj.weight.T).view(B, -1, Hkv, hd).transpose(1, 2)
+    v = (kv @ attn.v_proj.weight.T).view(B, -1, Hkv, hd).transpose(1, 2)
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)  # (B, Hq, T, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    y = scores.softmax(-1) @ v
+    return y.transpose(1, 2).reshape(B, T, Hq * hd) @ attn.out_proj.weight.T + attn.out_proj.bias
+
+
+# (H, Hq, Hkv): MHA, GQA, MQA, SQA, sSQA, xSQA
+VARIANTS = [(8, 8, 8), (8, 8, 2), (8, 8, 1), (8, 4, 2), (8, 4, 4), (8, 2, 2)]
+
+
+@pytest.mark.parametrize("H,Hq,Hkv", VARIANTS)
+def test_attention_family_matches_naive_attention(H, Hq, Hkv):
+    torch.manual_seed(0)
+    attn = Attention(64, H, Hq, Hkv)
+    x, kv = torch.randn(2, 7, 64), torch.randn(2, 11, 64)
+    mask = torch.rand(2, 1, 7, 11) > 0.3
+    mask[..., 0] = True
+    y = attn(x, kv, mask=mask)
+    assert y.shape == (2, 7, 64)
+    torch.testing.assert_close(y, naive_attention(attn, x, kv, mask), atol=1e-5, rtol=1e-5)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(attn(x, is_causal=True), naive_attention(attn, x, x, causal), atol=1e-5, rtol=1e-5)
+    # SQA's point: the query (and output) projections shrink with Hq
+    assert attn.q_proj.weight.shape == (Hq * 64 // H, 64) and attn.k_proj.weight.shape == (Hkv * 64 // H, 64)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        qm = model.apply_rope(q, *model.rope(torch.tensor([m]), 16, 10000.0))
+        kn = model.apply_rope(k, *model.rope(torch.tensor([n]), 16, 10000.0))
+        return (qm * kn).sum().item()
+
+    assert score(3, 1) == pytest.approx(score(103, 101), abs=1e-4)
+    assert score(7, 7) == pytest.approx(score(0, 0), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(1, 3), abs=1e-3)  # but the offset itself matters
+
+
+# --- encoder and decoder -------------------------------------------------------------------------------------------
+
+def test_decoder_is_causal():
+    m = tiny_model()
+    stm = m.new_memory(1)
+    ids = torch.randint(0, 97, (1, 12))
+    changed = ids.clone()
+    changed[0, 8] = (ids[0, 8] + 1) % 97
+    a, _ = m.decode(ids, stm)
+    b, _ = m.decode(changed, stm)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_encoder_is_bidirectional():
+    m = tiny_model()
+    ids = torch.randint(0, 97, (1, 12))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 97
+    assert not torch.allclose(m.encode(ids)[1][:, 0], m.encode(changed)[1][:, 0])
+
+
+def test_appending_pads_changes_neither_encoder_nor_memory_write():
+    m = tiny_model()
+    ids = torch.randint(1, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    pmask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], dim=1)
+    ed, _ = m.encode(ids, mask)
+    ed_p, _ = m.encode(padded, pmask)
+    torch.testing.assert_close(ed, ed_p[:, :, :10], atol=1e-5, rtol=1e-5)
+    stm = m.new_memory(2)
+    torch.testing.assert_close(m.update_memory(stm, ids, mask), m.update_memory(stm, padded, pmask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_matches_full_forward():
+    m = tiny_model()
+    stm = m.new_memory(2)
+    ids = torch.randint(0, 97, (2, 30))
+    full, _ = m.decode(ids, stm)
+    memory_kv = m.decoder.memory_kv(stm)
+    caches = [model.KVCache(30) for _ in m.decoder.layers]
+    logits, _ = m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # prompt
+    steps = [logits]
+    for t in range(6, 30):  # then one token per forward
+        logits, _ = m.decoder(m.embed(ids[:, t:t + 1]), memory_kv, positions=torch.tensor([t]), caches=caches)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_generation_with_right_padding_matches_one_by_one():
+    m = tiny_model()
+    stm = m.new_memory(2)
+    q0, q1 = torch.randint(0, 97, (9,)), torch.randint(0, 97, (5,))
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], ids[1, :5] = q0, q1
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0], mask[1, :5] = True, True
+    tokens, lengths = m.generate(ids, mask, stm, max_new_tokens=12, temperature=0)
+    assert tokens.shape == (2, 12) and lengths.tolist() == [12, 12]
+    for b, q in enumerate([q0, q1]):
+        alone = list(m.interact(q, stm[:, b:b + 1], temperature=0, max_new_tokens=12))
+        assert tokens[b].tolist() == alone
+
+
+def test_stm_slots_are_a_set():
+    m = tiny_model()
+    stm = m.new_memory(1) * 50  # large enough to matter
+    ids = torch.randint(0, 97, (1, 10))
+    perm = torch.randperm(stm.size(2))
+    a, _ = m.decode(ids, stm)
+    b, _ = m.decode(ids, stm[:, :, perm])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    c, _ = m.decode(ids, m.new_memory(1) * 50)
+    assert (a - c).abs().max() > 1e-3  # but the content does matter
+
+
+def test_stateless_baseline_has_no_memory_path():
+    torch.manual_seed(0)
+    base = StatelessDecoder(tiny())
+    assert all(layer.cross_attn is None for layer in base.decoder.layers)
+    ids = torch.randint(0, 97, (1, 10))
+    logits, _ = base(ids)
+    assert logits.shape == (1, 10, 97)
+    tokens, lengths = base.generate(ids, max_new_tokens=5, temperature=0)
+    assert tokens.shape == (1, 5)
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+
+def stm_norm_after_updates(gate_type, n=100):
+    m = tiny_model(gate_type=gate_type)
+    g = torch.Generator().manual_seed(1)
+    stm = m.new_memory(1)
+    with torch.no_grad():
+        for _ in range(n):
+            stm = m.update_memory(stm, torch.randint(0, 97, (1, 16), generator=g))
+    return stm.norm(dim=-1).mean().item()
+
+
+@pytest.mark.parametrize("gate_type", ["static", "elementwise", "linear"])
+def test_gate_keeps_memory_bounded(gate_type):
+    gated, plain = stm_norm_after_updates(gate_type), stm_norm_after_updates("none")
+    m = tiny_model()
+    update_norm = m.memory_attention.layers[0].attn(torch.randn(1, 8, 32), torch.randn(1, 16, 32)).norm(dim=-1).mean()
+    assert plain > 20 * gated  # the plain residual grows turn after turn
+    assert gated < 5 * update_norm.item()  # a convex mix stays at the size of one update
+
+
+def test_memory_update_changes_stm_and_each_variant_runs():
+    for variant in ["simple", "self", "interlayer", "self-interlayer"]:
+        m = tiny_model(memory_attention=variant)
+        stm = m.new_memory(2)
+        new = m.update_memory(stm, torch.randint(0, 97, (2, 10)))
+        assert new.shape == stm.shape and not torch.allclose(new, stm)
+
+
+# --- mixture of experts --------------------------------------------------------------------------------------------
+
+def test_moe_matches_naive_per_token_loop():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, n_experts=5, top_k=2, hidden=12)
+    model.init_weights(moe)
+    nn_init = torch.nn.init
+    nn_init.normal_(moe.router.weight, std=1.0)  # decisive routing
+    x = torch.randn(3, 7, 16)
+    y, _ = moe(x)
+    expected = torch.zeros_like(x)
+    for b in range(3):
+        for t in range(7):
+            p = F.softmax(moe.router(x[b, t]), -1)
+            w, e = p.topk(2)
+            w = w / w.sum()
+            for wi, ei in zip(w, e):
+                h = F.silu(x[b, t] @ moe.w_gate[ei]) * (x[b, t] @ moe.w_up[ei])
+                expected[b, t] += wi * (h @ moe.w_down[ei])
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_balancing_loss_is_one_when_routing_is_uniform_and_larger_when_not():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, n_experts=4, top_k=1, hidden=8)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4, 8) * 50)  # token with feature e hot goes to expert e
+    x = torch.eye(4, 8).repeat(5, 1)[None]  # 20 tokens, 5 per expert: f_e = P_e = 1/4
+    _, aux = moe(x)
+    assert aux.item() == pytest.approx(1.0, abs=1e-4)
+    _, skewed = moe(torch.eye(4, 8)[:1].repeat(20, 1)[None])  # every token to expert 0
+    assert skewed.item() > 3.9
+
+
+def test_every_expert_gets_gradients():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, n_experts=6, top_k=2, hidden=8)
+    model.init_weights(moe)
+    y, aux = moe(torch.randn(4, 32, 16))
+    (y.pow(2).sum() + aux).backward()
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        assert (w.grad.flatten(1).abs().sum(1) > 0).all()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+# --- inference -----------------------------------------------------------------------------------------------------
+
+def test_interact_stops_at_eos_or_max_new_tokens():
+    m = tiny_model()
+    stm = m.new_memory(1)
+    query = torch.randint(0, 97, (6,))
+    greedy = list(m.interact(query, stm, temperature=0, max_new_tokens=10))
+    assert len(greedy) == 10  # no eos_id: runs to max_new_tokens
+    assert greedy == list(m.interact(query, stm, temperature=0, max_new_tokens=10))  # greedy is deterministic
+    eos = greedy[3]
+    stopped = list(m.interact(query, stm, temperature=0, max_new_tokens=10, eos_id=eos))
+    assert stopped == greedy[:greedy.index(eos)]  # stops before [EOS], which is not yielded
+    with torch.no_grad():
+        m.decoder.lm_head.bias[5] = 1e4  # the model now always says token 5
+    assert list(m.interact(query, stm, temperature=0.8, top_k=5, top_p=0.9, eos_id=5)) == []
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(model.sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    p = F.softmax(logits[0], -1)  # p0 ~ 0.64, p0+p1 ~ 0.88
+    assert set(model.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(model.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert p[0] > 0.5
