@@ -1,0 +1,139 @@
+import os
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data.loaders import episode_turns
+from data.memory_world import (NAMES, SLOTS, articles, build_world, is_test, make_episodes, make_interactions,
+                               make_stories, read_jsonl, write_jsonl)
+from data.tokenizer import Tokenizer
+
+DISTANCES = (1, 2, 4, 8, 16)
+KINDS = ("long-range", "cumulative", "overwrite")
+
+
+@pytest.fixture(scope="module")
+def train():
+    return make_episodes(600, seed=0, split="train")
+
+
+@pytest.fixture(scope="module")
+def test():
+    return make_episodes(300, seed=1, split="test")
+
+
+def stated_values(text, p, slot, x):
+    """The values that text states for p's (slot, thing), in order of appearance."""
+    found = []
+    for v in SLOTS[slot]["values"]:
+        for template in [SLOTS[slot]["fact"]] + SLOTS[slot]["change"]:
+            sentence = articles(template.format(p=p, x=x, v=v))
+            found += [(m.start(), -m.end(), v) for m in re.finditer(r"(?<!\w)" + re.escape(sentence), text)]
+    # a sentence inside a longer one ("Mia is at the park." in "Now Mia is at the park.") is the same statement
+    out, end = [], -1
+    for start, neg_end, v in sorted(found):
+        if -neg_end > end:
+            out.append(v)
+            end = -neg_end
+    return out
+
+
+def test_same_seed_gives_the_same_world_and_another_seed_a_different_one():
+    assert make_stories(50, 3) == make_stories(50, 3) != make_stories(50, 4)
+    assert make_interactions(50, 3) == make_interactions(50, 3) != make_interactions(50, 4)
+    assert make_episodes(50, 3) == make_episodes(50, 3) != make_episodes(50, 4)
+
+
+def test_episodes_have_distance_turns_with_the_probe_last(train, test):
+    for ep in train + test:
+        assert len(ep["interactions"]) == ep["distance"]
+        probe = ep["interactions"][-1]
+        assert probe["answer"] == ep["gold"] and " " not in ep["gold"]
+        assert probe["query"] == SLOTS[ep["slot"]]["probe"].format(p=ep["name"], x=ep["thing"])
+        assert episode_turns(ep)[0] == {"query": ep["query"], "answer": ep["answer"]}
+
+
+def test_kinds_and_distances_are_balanced(train):
+    counts = Counter((ep["kind"], ep["distance"]) for ep in train)
+    assert set(counts) == {(k, d) for k in KINDS for d in DISTANCES}
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_test_split_only_probes_held_out_combinations(train, test):
+    probed = lambda eps: {(ep["name"], ep["slot"], ep["gold"]) for ep in eps}
+    assert all(is_test(*c) for c in probed(test))
+    assert not any(is_test(*c) for c in probed(train))
+    assert not probed(train) & probed(make_episodes(2000, seed=5, split="test"))
+    # ...but the words themselves are all seen as training answers, so the test measures memory, not vocabulary
+    assert {ep["gold"] for ep in test} <= {ep["gold"] for ep in make_episodes(3000, seed=2, split="train")}
+
+
+def test_sft_questions_never_ask_for_held_out_combinations():
+    for r in make_interactions(2000, seed=0):
+        m = re.search(r"What colour is (\w+)'s (\w+)\?$", r["query"])
+        if m:
+            assert r["answer"] in r["query"] and not is_test(m.group(1), "colour", r["answer"])
+
+
+def test_gold_is_stated_before_the_probe_and_is_the_latest_value(train, test):
+    for ep in train + test:
+        p, slot, x = ep["name"], ep["slot"], ep["thing"]
+        history = []  # every value stated for the probed slot, in order, over the turns before the probe
+        for turn in episode_turns(ep)[:-1]:
+            history += stated_values(turn["query"], p, slot, x)
+            # the answers repeat the query; they must not say anything else about the slot
+            assert stated_values(turn["answer"], p, slot, x) in ([], stated_values(turn["query"], p, slot, x))
+        assert history and history[-1] == ep["gold"], ep
+        if ep["kind"] == "overwrite":
+            assert len(history) >= 2 and history[0] != ep["gold"]
+        else:
+            assert set(history) == {ep["gold"]}
+
+
+def test_long_range_distractors_never_mention_the_probed_person(train):
+    for ep in train:
+        if ep["kind"] == "long-range":
+            for turn in ep["interactions"][:-1]:
+                for text in turn.values():
+                    assert not re.search(rf"\b{ep['name']}\b", text), (ep["name"], text)
+            assert ep["name"] in ep["query"]
+
+
+def test_cumulative_turns_add_facts_about_the_same_person(train):
+    for ep in train:
+        if ep["kind"] == "cumulative":
+            for turn in episode_turns(ep)[:-1]:
+                assert turn["query"].startswith(ep["name"])
+
+
+def test_world_uses_a_small_vocabulary():
+    words = Counter(w.lower() for s in make_stories(500, 0) for w in re.findall(r"[A-Za-z]+", s))
+    assert len(words) < 400 and set(NAMES) <= {w.capitalize() for w in words}
+
+
+def test_jsonl_round_trip(tmp_path):
+    records = make_episodes(10, seed=0)
+    write_jsonl(records, str(tmp_path / "e.jsonl"))
+    assert read_jsonl(str(tmp_path / "e.jsonl")) == records
+    assert not (tmp_path / "e.jsonl.tmp").exists()
+
+
+def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "world")
+    build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
+    names = ["stories.txt", "interactions.jsonl", "episodes_train.jsonl", "episodes_test.jsonl",
+             "tokenizer.tiktoken", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == sorted(names)
+    tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
+    assert tok.vocab_size == 400
+    ids = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16).tolist()
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert ids.count(tok.bos_id) == ids.count(tok.eos_id) == 15  # 5% of the stories
+    assert len(read_jsonl(os.path.join(out, "episodes_test.jsonl"))) == 30
+    mtimes = {n: os.path.getmtime(os.path.join(out, n)) for n in names}
+    capsys.readouterr()
+    build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in names} == mtimes
+    assert "skipping" in capsys.readouterr().out
