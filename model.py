@@ -199,25 +199,29 @@ class MoEFeedForward(nn.Module):
         probs = F.softmax(self.router(x).float(), dim=-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise the k chosen
+        experts = experts.flatten()  # (N*k,) routing slots, k per token
         # Switch-style balancing loss E * sum_e f_e * P_e: equals 1 at perfectly uniform routing
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
+        counts = torch.bincount(experts, minlength=self.n_experts)  # (E,)
         f = counts.float() / experts.numel()
         aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
-        # dispatch without a loop over tokens: sort the N*k routing slots by expert, run each expert once on its slice
-        order = experts.flatten().argsort()  # (N*k,)
+        # dispatch without a loop over tokens: sort the slots by expert, gather their tokens once, run each used
+        # expert once on its contiguous slice, scatter-add the weighted outputs back to their tokens
+        order = experts.argsort()  # (N*k,)
         token_of_slot = order // self.top_k
-        slot_weight = weights.flatten()[order]
-        out = torch.zeros_like(x)
-        start = 0
+        xs = x.index_select(0, token_of_slot)  # (N*k, D), grouped by expert
+        # training: unbind the experts once, so that backward stacks their grads into one tensor (w[e] per expert
+        # would give each expert a gradient of the full (E, ...) size)
+        w_gate, w_up, w_down = (w.unbind() if torch.is_grad_enabled() else w
+                                for w in (self.w_gate, self.w_up, self.w_down))
+        ys, start = [], 0
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            idx = token_of_slot[start:start + n]
-            xe = x[idx]  # (n, D)
-            ye = (F.silu(xe @ self.w_gate[e]) * (xe @ self.w_up[e])) @ self.w_down[e]  # (n, D)
-            out.index_add_(0, idx, (ye * slot_weight[start:start + n, None].to(ye.dtype)).to(out.dtype))
-            start += n
-        return out.view(shape), aux_loss
+            if n > 0:
+                xe = xs[start:start + n]
+                ys.append((F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e])  # (n, D)
+                start += n
+        ys = torch.cat(ys)  # (N*k, D)
+        ys = (ys * weights.flatten()[order, None].to(ys.dtype)).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys).view(shape), aux_loss
 
 
 # -----------------------------------------------------------------------------
@@ -514,8 +518,9 @@ class ReactiveTransformer(nn.Module):
     def new_memory(self, batch_size, generator=None):
         """A fresh STM (L, B, S, D) of small Gaussian noise."""
         c = self.cfg
-        stm = torch.randn(c.n_layers, batch_size, c.stm_size, c.d_model, generator=generator) * c.stm_init_std
-        return stm.to(self.embed.weight.device)
+        device = self.embed.weight.device if generator is None else generator.device
+        stm = torch.randn(c.n_layers, batch_size, c.stm_size, c.d_model, generator=generator, device=device)
+        return (stm * c.stm_init_std).to(self.embed.weight.device)
 
     def encode(self, ids, mask=None, stm=None):
         """Encoded data of a full interaction: ED (L, B, T, D) and the last hidden state (B, T, D)."""

@@ -1,0 +1,45 @@
+"""bench.py runs end to end: `python bench.py --quick` writes every section with positive numbers (no timing checks)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", f"--out={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "summary:" in proc.stdout
+    r = json.loads(out.read_text())
+    assert {"conversation", "attention", "training", "memory", "summary"} <= set(r)
+
+    conv = r["conversation"]
+    for name in ("rxt", "baseline"):
+        turns = conv[name]["per_turn"]
+        assert len(turns) == conv["turns"] >= 2
+        assert all(t["prefill"] > 0 and t["generation"] > 0 and t["tokens"] > 0 for t in turns)
+        assert conv[name]["turn_n_over_turn_1"] > 0 and conv[name]["peak_memory_bytes"] > 0
+    assert all(t["update"] > 0 for t in conv["rxt"]["per_turn"])
+    # the baseline re-reads the history: its prompt grows by one interaction per turn, RxT's work per turn does not
+    base_tokens = [t["tokens"] for t in conv["baseline"]["per_turn"]]
+    assert base_tokens == sorted(base_tokens) and base_tokens[-1] > base_tokens[0]
+    assert len({t["tokens"] for t in conv["rxt"]["per_turn"]}) == 1
+
+    attn = r["attention"]
+    assert set(attn["variants"]) == {"MHA", "GQA", "MQA", "SQA", "sSQA", "xSQA"}
+    for v in attn["variants"].values():
+        for m in v["by_len"].values():
+            assert m["forward_s"] > 0 and m["forward_backward_s"] > 0 and m["forward_speedup"] > 0
+
+    train = r["training"]
+    assert train["matmul_fp32_flops_per_s"] > 0 and train["presets"]
+    assert all(p["tokens_per_s"] > 0 and p["flops_per_s"] > 0 for p in train["presets"].values())
+
+    mem = r["memory"]
+    assert mem["stm_bytes"] > 0 and all(v > 0 for v in mem["peak_memory_bytes"].values())
+    kv = [t["baseline_kv_bytes"] for t in mem["by_turn"].values()]
+    assert kv == sorted(kv) and kv[-1] > 0
