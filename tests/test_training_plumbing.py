@@ -1,0 +1,83 @@
+"""The shared training plumbing: configuration, schedule, checkpoints."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import training
+from model import ModelConfig, ReactiveTransformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_config_files_and_flags_override_in_order(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("lr = 3e-4\nbatch_size = 8\n")
+    cfg = training.configure(training.TRAIN_DEFAULTS, [str(f), "--batch_size=4", "--out_dir=out/x", "--lr=1"])
+    assert cfg["batch_size"] == 4 and cfg["out_dir"] == "out/x" and cfg["lr"] == 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_sise=4"], "unknown config key 'batch_sise'"),
+    (["--batch_size=abc"], "must be int"),
+    (["--lr"], "expected --key=value"),
+    (["config/does_not_exist.py"], "config file not found"),
+])
+def test_config_errors_are_clear(argv, message):
+    with pytest.raises(training.ConfigError, match=message):
+        training.configure(training.TRAIN_DEFAULTS, argv)
+
+
+def test_bad_flag_exits_nonzero_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train_joint.py", f"--out_dir={out}", "--max_iter=5"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unknown config key 'max_iter'" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    lrs = [training.lr_at(s, cfg) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising through warmup
+    assert lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rising again
+    assert training.lr_at(100, cfg) == pytest.approx(1e-4)
+    assert lrs[55] == pytest.approx(0.5 * (1e-3 + 1e-4), rel=1e-6)  # cosine midpoint
+
+
+def tiny_cfg(**kw):
+    return ModelConfig(**dict(dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2, n_q_heads=1, n_kv_heads=1,
+                                   enc_ff_dim=16, n_experts=2, top_k=1, expert_dim=8, seq_len=16, stm_size=4), **kw))
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg())
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, m, stage="joint", step=7, cfg={"a": 1}, metrics={"loss": 1.5})
+    ckpt = training.load_checkpoint(path)
+    m2 = training.model_from_checkpoint(ckpt, path)
+    assert ckpt["stage"] == "joint" and ckpt["step"] == 7 and ckpt["metrics"] == {"loss": 1.5}
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_missing_corrupt_and_wrong_shape_checkpoints_give_one_line_errors(tmp_path):
+    with pytest.raises(training.CheckpointError, match="not found"):
+        training.load_checkpoint(str(tmp_path / "nope.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(training.CheckpointError, match="cannot read"):
+        training.load_checkpoint(str(bad))
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="joint", step=1, cfg={})
+    other = ReactiveTransformer(tiny_cfg(d_model=32))
+    with pytest.raises(training.CheckpointError, match="does not fit") as e:
+        training.load_weights(other, training.load_checkpoint(path)["model"], path)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,356 @@
+"""
+The plumbing every training stage shares, so each stage script shows only its stage:
+configuration (config/*.py + --key=value), device / bf16 autocast / torchrun, AdamW with warmup + cosine,
+the training loop (grad clip, logs, tqdm, eval, atomic checkpoints, exact resume), and checkpoint loading.
+"""
+
+import ast
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import ModelConfig, ReactiveTransformer, get_config
+
+# -----------------------------------------------------------------------------
+# Configuration: plain Python files and --key=value, like nanoGPT's configurator
+
+
+class ConfigError(Exception):
+    pass
+
+
+def configure(defaults, argv):
+    """defaults (dict) overridden by config files (`config/x.py`) then `--key=value` flags, in order.
+    Unknown keys and wrong types are errors: a typo must never silently train the wrong thing."""
+    cfg = dict(defaults)
+
+    def set_key(key, value, where):
+        if key not in cfg:
+            raise ConfigError(f"unknown config key {key!r} ({where}); known keys: {', '.join(sorted(cfg))}")
+        old = cfg[key]
+        if old is not None and value is not None and type(value) is not type(old):
+            if isinstance(old, float) and isinstance(value, int):
+                value = float(value)
+            else:
+                raise ConfigError(f"config key {key!r} ({where}) must be {type(old).__name__}, "
+                                  f"got {type(value).__name__} {value!r}")
+        cfg[key] = value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string, e.g. --out_dir=out/nano
+            set_key(key, value, arg)
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file not found: {arg}")
+            namespace = {}
+            exec(open(arg).read(), {}, namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_"):
+                    set_key(key, value, arg)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Device, precision, distributed (torchrun)
+
+
+def setup(cfg):
+    """Device, autocast context and (rank, world_size) for this process; under torchrun also the process group."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if cfg["device"] == "cuda":
+            local = int(os.environ["LOCAL_RANK"])
+            cfg["device"] = f"cuda:{local}"
+            torch.cuda.set_device(cfg["device"])
+        dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+           else contextlib.nullcontext())
+    return device, ctx, rank, world
+
+
+def all_reduce_grads(params, world):
+    """Data parallelism across torchrun processes: average gradients after backward. (We do this by hand instead of
+    wrapping in DistributedDataParallel because stages call several sub-modules and freeze parts mid-run.)"""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world > 1 and grads:
+        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce, not one per tensor
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(params, cfg, device):
+    """AdamW; weight decay on matrices only (not norms, biases or gates); fused on CUDA."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_at(step, cfg):
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
+    if step < cfg["warmup_iters"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_iters"]
+    progress = min(1.0, (step - cfg["warmup_iters"]) / max(1, cfg["max_iters"] - cfg["warmup_iters"]))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: self-contained (model config + tokenizer), written atomically
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(path, model, *, stage, step, cfg, tokenizer=None, optimizer=None, metrics=None, extra=None):
+    """extra: {name: state_dict} of stage-only modules (e.g. the MRL critic)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ckpt = {
+        "model": model.state_dict(),  # the plain module: Module.compile() in place adds no _orig_mod. prefix
+        "model_config": asdict(model.cfg),
+        "tokenizer": None if tokenizer is None else {"ranks": tokenizer.ranks},
+        "stage": stage,
+        "step": step,
+        "config": cfg,
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict, or a CheckpointError that says what is wrong in one line."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = {"model", "model_config", "stage", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path} is not a nanoRxT checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint", device="cpu"):
+    try:
+        mcfg = ModelConfig(**ckpt["model_config"])
+    except (TypeError, AssertionError) as e:
+        raise CheckpointError(f"{path}: bad model config: {e}")
+    model = ReactiveTransformer(mcfg)
+    load_weights(model, ckpt["model"], path)
+    return model.to(device)
+
+
+def load_weights(model, state, path="checkpoint"):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # wrong shapes or keys: name the first problem, not a wall of text
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise CheckpointError(f"{path} does not fit this model: {lines[1] if len(lines) > 1 else lines[0]}"[:300])
+
+
+def tokenizer_from_checkpoint(ckpt):
+    from data.tokenizer import Tokenizer
+    if not ckpt.get("tokenizer"):
+        raise CheckpointError("checkpoint carries no tokenizer")
+    return Tokenizer(ckpt["tokenizer"]["ranks"])
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+TRAIN_DEFAULTS = dict(
+    preset="nano",  # model preset (model.PRESETS) when not starting from a checkpoint
+    model_args={},  # ModelConfig fields to override, e.g. {'stm_size': 32}
+    out_dir="out/run",
+    init_from="",  # previous stage's ckpt.pt; "" = from scratch
+    resume=True,  # continue this stage from out_dir/ckpt.pt if it is there
+    device="auto",
+    dtype="auto",  # bf16 autocast on CUDA, fp32 on CPU
+    compile=False,
+    seed=1337,
+    batch_size=32,
+    max_iters=1000,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_iters=50,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_interval=200,
+    eval_iters=10,
+    log_interval=20,
+)
+
+
+def generators(cfg, step, device, rank=0, split="train"):
+    """(CPU generator for data, generator on `device` for masks and noise), seeded by the step: resuming at step k
+    replays exactly what step k would have done."""
+    seed = cfg["seed"] * 7919 + {"train": 0, "val": 1_000_003}[split] + step * 131 + rank
+    g_cpu = torch.Generator().manual_seed(seed)
+    return g_cpu, (g_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed))
+
+
+def init_model(cfg, tokenizer, device):
+    """A fresh model of cfg's preset (vocab from the tokenizer), or the previous stage's weights from init_from."""
+    if cfg["init_from"]:
+        ckpt = load_checkpoint(cfg["init_from"], device)
+        model = model_from_checkpoint(ckpt, cfg["init_from"], device)
+        if model.cfg.vocab_size != tokenizer.vocab_size:
+            raise CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer {tokenizer.vocab_size}")
+        return model
+    return ReactiveTransformer(get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])).to(device)
+
+
+def evaluate(model, cfg, loss_fn, get_batch, ctx, device):
+    """Mean of each metric over eval_iters fixed validation batches."""
+    model.eval()
+    totals = {}
+    with torch.no_grad(), ctx:
+        for i in range(cfg["eval_iters"]):
+            g_cpu, g = generators(cfg, i, device, split="val")
+            _, metrics = loss_fn(model, get_batch("val", g_cpu), g)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg["eval_iters"]
+    if "ar_loss" in totals:
+        totals["ppl"] = math.exp(min(totals["ar_loss"], 50.0))
+    model.train()
+    return totals
+
+
+def train(cfg, model, *, stage, loss_fn, get_batch, device, ctx, rank=0, world=1, tokenizer=None, params=None,
+          on_step=None, extra_modules=None):
+    """Train `model` with loss_fn(model, batch, generator) -> (loss, metrics) on get_batch(split, generator).
+    get_batch gets a CPU generator, loss_fn one on the device. Resumes from out_dir/ckpt.pt when it holds this
+    stage; returns the final eval metrics."""
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    params = list(model.parameters()) if params is None else list(params)
+    extra_modules = extra_modules or {}
+    optimizer = make_optimizer(params, cfg, device)
+    step, metrics = 0, {}
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, device)
+        if ckpt["stage"] == stage:
+            load_weights(model, ckpt["model"], ckpt_path)
+            for name, module in extra_modules.items():
+                module.load_state_dict(ckpt["extra"][name])
+            if ckpt.get("optimizer"):
+                optimizer.load_state_dict(ckpt["optimizer"])
+            step, metrics = ckpt["step"], ckpt["metrics"]
+            if rank == 0:
+                print(f"resuming {stage} from {ckpt_path} at step {step}")
+            if step >= cfg["max_iters"]:
+                if rank == 0:
+                    print(f"[{stage}] already finished ({step} steps): nothing to do")
+                return metrics
+    if cfg["compile"] and device.type == "cuda":
+        for m in (model.encoder, model.decoder, model.memory_attention):
+            m.compile()  # in place: state_dict keys stay clean
+    model.train()
+    master = rank == 0
+
+    def checkpoint(at_step):
+        if master:
+            save_checkpoint(ckpt_path, model, stage=stage, step=at_step, cfg=cfg, tokenizer=tokenizer,
+                            optimizer=optimizer, metrics=metrics,
+                            extra={name: m.state_dict() for name, m in extra_modules.items()})
+
+    t0, tokens_seen = time.time(), 0
+    bar = tqdm(range(step, cfg["max_iters"]), desc=stage, disable=not master, dynamic_ncols=True, initial=step,
+               total=cfg["max_iters"])
+    for step in bar:
+        if on_step is not None:
+            on_step(step)  # e.g. a freeze / unfreeze schedule
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g_cpu, g = generators(cfg, step, device, rank)
+        batch = get_batch("train", g_cpu)
+        with ctx:
+            loss, m = loss_fn(model, batch, g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(params, world)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg["grad_clip"])
+        optimizer.step()
+        tokens_seen += int(m.get("tokens", 0))
+        if step % cfg["log_interval"] == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm.item():.2f}")
+        last = step == cfg["max_iters"] - 1
+        if (step + 1) % cfg["eval_interval"] == 0 or last:
+            metrics = evaluate(model, cfg, loss_fn, get_batch, ctx, device)
+            metrics["train_loss"] = loss.item()
+            if master:
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
+                tqdm.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {shown}")
+            checkpoint(step + 1)
+    elapsed = time.time() - t0
+    if world > 1:  # data parallelism is only correct if every rank ends with the same weights
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        sums = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(sums, checksum)
+        if not all(torch.equal(s, sums[0]) for s in sums):
+            raise RuntimeError(f"[{stage}] ranks disagree on the weights: {[s.item() for s in sums]}")
+        if master:
+            print(f"[{stage}] all {world} ranks agree on the weights (checksum {sums[0].item():.6f})")
+    if master and tokens_seen:
+        metrics["tokens_per_s"] = tokens_seen * world / max(elapsed, 1e-9)
+    if master:
+        metrics["seconds"] = elapsed
+        checkpoint(cfg["max_iters"])
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
+        print(f"[{stage}] done: {cfg['max_iters']} steps in {elapsed:.1f}s  {shown}  -> {ckpt_path}")
+    return metrics
+
+
+def cli(main):
+    """Run a stage's main(argv): bad configs, checkpoints or data end with one clear line and a non-zero exit."""
+    try:
+        main(sys.argv[1:])
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
