@@ -314,8 +314,10 @@ class Decoder(nn.Module):
             return [None] * len(self.layers)
         return [layer.memory_kv(memory[l]) for l, layer in enumerate(self.layers)]
 
-    def forward(self, x, memory_kv=None, memory_mask=None, positions=None, self_mask=None, caches=None):
-        # x (B, T, D); memory_kv from memory_kv(); memory_mask (B, M) bool or None; positions (T,) or (B, T)
+    def forward(self, x, memory_kv=None, memory_mask=None, positions=None, self_mask=None, caches=None,
+                logits_at=None):
+        # x (B, T, D); memory_kv from memory_kv(); memory_mask (B, M) bool or None; positions (T,) or (B, T);
+        # logits_at (B,): only the logits at these positions (a prompt needs just its last one), shape (B, 1, V)
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(T, device=x.device)
@@ -329,6 +331,8 @@ class Decoder(nn.Module):
         for l, layer in enumerate(self.layers):
             x, aux = layer(x, rope_cs, memory_kv[l], mem_mask, self_mask, is_causal, None if caches is None else caches[l])
             aux_loss = aux_loss + aux
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.norm(x)), aux_loss / len(self.layers)
 
     @torch.no_grad()
@@ -339,15 +343,16 @@ class Decoder(nn.Module):
         B, T = ids.shape
         caches = [KVCache(T + max_new_tokens) for _ in self.layers]
         if mask is None:
-            logits, _ = self(embed(ids), memory_kv, caches=caches)
             lengths = torch.full((B,), T, device=ids.device)
+            logits, _ = self(embed(ids), memory_kv, caches=caches, logits_at=lengths - 1)
             key_valid = None
         else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            logits, _ = self(embed(ids), memory_kv, self_mask=causal & mask[:, None, None, :], caches=caches)
             lengths = mask.sum(dim=1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            logits, _ = self(embed(ids), memory_kv, self_mask=causal & mask[:, None, None, :], caches=caches,
+                             logits_at=lengths - 1)
             key_valid = mask  # pads stay in the cache, masked out
-        next_logits = logits[torch.arange(B, device=ids.device), lengths - 1]  # (B, V) after each row's last token
+        next_logits = logits[:, -1]  # (B, V) after each row's last prompt token
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
             tok = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)

@@ -155,6 +155,20 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_greedy_generation_equals_argmax_of_full_forward_passes():
+    """The cached generator (last-position logits of the prompt, then one token per step) picks what a full forward
+    over the growing sequence would pick."""
+    m = tiny_model()
+    stm = m.new_memory(1)
+    ids = torch.randint(0, 97, (1, 7))
+    got = list(m.interact(ids[0], stm, temperature=0, max_new_tokens=10))
+    seq = ids
+    for _ in range(10):
+        nxt = m.decode(seq, stm)[0][:, -1].argmax(dim=-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert got == seq[0, 7:].tolist()
+
+
 def test_batched_generation_with_right_padding_matches_one_by_one():
     m = tiny_model()
     stm = m.new_memory(2)
