@@ -1,0 +1,77 @@
+"""chat.py: scripted conversations through stdin, commands, bad checkpoints, and the memory really being written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import chat
+import training
+from conftest import TINY
+from data.tokenizer import Tokenizer
+from model import ReactiveTransformer, get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world, tmp_path_factory):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    torch.manual_seed(0)
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    path = str(tmp_path_factory.mktemp("chat") / "ckpt.pt")
+    training.save_checkpoint(path, model, stage="mrl", step=0, cfg={}, tokenizer=tok)
+    return path
+
+
+def run_chat(ckpt, stdin, *flags):
+    return subprocess.run([sys.executable, "chat.py", f"--ckpt={ckpt}", "--max_new_tokens=8", *flags], cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_scripted_conversation_with_commands_ends_cleanly_at_eof(checkpoint):
+    r = run_chat(checkpoint, "Mia has a red ball.\n\n/memory\nWhat colour is Mia's ball?\n/reset\n/help\nHi!\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.count("you> ") == 3 and out.count("rxt> ") == 3  # the empty line was ignored
+    assert "you> What colour is Mia's ball?" in out
+    assert "layer 0: mean slot norm" in out and "last update changed it by" in out
+    assert "(memory reset)" in out and "/reset" in out.split("(memory reset)")[1]  # the help text follows
+    assert "Traceback" not in r.stderr
+
+
+def test_over_long_input_is_truncated_with_a_notice(checkpoint):
+    r = run_chat(checkpoint, "word " * 500 + "\n")
+    assert r.returncode == 0 and "truncated" in r.stderr and "rxt> " in r.stdout
+
+
+@pytest.mark.parametrize("content", [None, b"garbage, not a checkpoint", "wrong-shape"])
+def test_missing_corrupt_or_incompatible_checkpoint_is_a_one_line_error(checkpoint, tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content == "wrong-shape":
+        ckpt = torch.load(checkpoint, weights_only=True)
+        ckpt["model_config"]["d_model"] = 64  # weights no longer fit the config
+        torch.save(ckpt, path)
+    elif content is not None:
+        path.write_bytes(content)
+    r = run_chat(str(path), "hello\n")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ")
+
+
+def test_memory_is_written_after_each_turn_and_reset_restores_a_fresh_one(checkpoint):
+    model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8))
+    fresh = session.stm.clone()
+    sink = open(os.devnull, "w")
+    session.answer("Mia has a red ball.", sink)
+    session.answer("Tom has a cat.", sink)
+    session.wait()
+    assert not torch.allclose(session.stm, fresh)
+    assert session.previous is not None and not torch.allclose(session.stm, session.previous)
+    session.reset()
+    assert session.stm.shape == fresh.shape and session.previous is None
+    assert session.stm.std().item() == pytest.approx(model.cfg.stm_init_std, rel=0.2)
