@@ -330,8 +330,10 @@ def main(argv):
     for phase in [p for p in cfg["phases"].split(",") if p]:
         if phase not in ("mem", "smat", "mrl"):
             raise training.ConfigError(f"unknown phase {phase!r} (mem, smat, mrl)")
-        pcfg = dict(cfg, init_from=init_from, out_dir=os.path.join(cfg["out_dir"], phase),
-                    max_iters=cfg[f"{phase}_iters"], lr=cfg[f"{phase}_lr"], min_lr=cfg[f"{phase}_lr"] / 10)
+        n = cfg[f"{phase}_iters"]
+        pcfg = dict(cfg, init_from=init_from, out_dir=os.path.join(cfg["out_dir"], phase), max_iters=n,
+                    lr=cfg[f"{phase}_lr"], min_lr=cfg[f"{phase}_lr"] / 10,
+                    warmup_iters=min(cfg["warmup_iters"], max(1, n // 10)))  # a short phase still reaches its lr
         model = training.init_model(pcfg, tok, device)
         stages = pcfg[f"{phase}_curriculum"]
 
