@@ -353,6 +353,7 @@ def matmul_flops_per_s(device, dtype, n=2048, repeats=5):
 
 def bench_training(args, device, amp):
     import train_joint  # the training stack is needed here only
+    import training
 
     if args.quick:
         shapes = {"nano": (2, 32)}
@@ -374,7 +375,7 @@ def bench_training(args, device, amp):
         model = M.ReactiveTransformer(cfg).to(device).train()
         # as train_joint.py: the memory attention network is not trained in this stage
         params = [p for n, p in model.named_parameters() if not n.startswith("memory_attention.")]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = training.make_optimizer(params, dict(lr=1e-4, weight_decay=0.1), device)  # what the stages use
         g = torch.Generator(device=device).manual_seed(args.seed)
         ids = torch.randint(cfg.vocab_size, (B, T), device=device, generator=g)
         mask = torch.ones_like(ids, dtype=torch.bool)

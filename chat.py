@@ -18,6 +18,7 @@ import threading
 import torch
 
 import training
+from data.loaders import collate_queries
 
 DEFAULTS = dict(
     ckpt="out/nano/mrl/ckpt.pt",
@@ -54,12 +55,11 @@ class Session:
     def answer(self, query, out):
         """Stream the answer to `out`; then start the memory update in the background. Returns the answer text."""
         self.wait()
-        q = self.tok.encode(query)
-        limit = self.model.cfg.seq_len - self.cfg["max_new_tokens"] - 3  # [BOS][Q] ... [A] + answer + [EOS] must fit
-        if len(q) > limit:
-            print(f"(input is {len(q)} tokens; truncated to the first {limit})", file=sys.stderr)
-            q = q[:limit]
-        query_ids = [self.tok.bos_id, self.tok.q_id] + q + [self.tok.a_id]
+        max_prompt = self.model.cfg.seq_len - self.cfg["max_new_tokens"] - 1  # prompt + answer + [EOS] must fit
+        n = len(self.tok.encode(query))
+        if n + 3 > max_prompt:  # the data's rule: drop from the front, the question usually ends the message
+            print(f"(input is {n} tokens; truncated to its last {max_prompt - 3})", file=sys.stderr)
+        query_ids = collate_queries(self.tok, [query], max_prompt)[0][0].tolist()  # [BOS][Q] query [A]
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # print whole characters only (emoji!)
         answer = []
         for tok_id in self.model.interact(query_ids, self.stm, temperature=self.cfg["temperature"],
@@ -104,6 +104,9 @@ def load(cfg):
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
     model, tok, ckpt = load(cfg)
+    if not 0 < cfg["max_new_tokens"] <= model.cfg.seq_len // 2:
+        raise training.ConfigError(f"max_new_tokens must be in 1..{model.cfg.seq_len // 2} (the model's interactions "
+                                   f"are at most {model.cfg.seq_len} tokens, and the query needs room too)")
     session = Session(model, tok, cfg)
     interactive = sys.stdin.isatty()
     if interactive:

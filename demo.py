@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-import torch
+import training
 
 OUT = "out/nano"
 WORLD = "data/cache/world"
@@ -35,7 +35,7 @@ def stages(extra):
 def stage_metrics(path):
     if not os.path.isfile(path):
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = training.load_checkpoint(path)
     return ckpt["step"], ckpt["metrics"]
 
 

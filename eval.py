@@ -84,8 +84,7 @@ def format_table(results):
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
-    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    device = torch.device(training.resolve_device(cfg["device"]))
     ckpt = training.load_checkpoint(cfg["ckpt"], device)
     model = training.model_from_checkpoint(ckpt, cfg["ckpt"], device).eval()
     tok = training.tokenizer_from_checkpoint(ckpt)

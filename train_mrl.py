@@ -72,9 +72,9 @@ def sample_episodes(by_distance, distances, batch_size, g):
 
 def turn_tensors(tok, episodes, seq_len, device, pad_to=None):
     """Per turn: (ids, mask, loss_mask) of the full interactions, (B, T) right-padded."""
-    out = []
-    for t in range(len(episode_turns(episodes[0]))):
-        ids, mask, loss_mask = collate_interactions(tok, [episode_turns(ep)[t] for ep in episodes], seq_len)
+    turns, out = [episode_turns(ep) for ep in episodes], []
+    for t in range(len(turns[0])):
+        ids, mask, loss_mask = collate_interactions(tok, [tr[t] for tr in turns], seq_len)
         if pad_to is not None and ids.size(1) < pad_to:  # stage 3 pairs token i with slot i: T = S
             extra = pad_to - ids.size(1)
             ids = F.pad(ids, (0, extra), value=tok.pad_id)
@@ -271,9 +271,9 @@ def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
     return dict(stm0=stm0, first=first, steps=steps)
 
 
-def answer_logprobs(model, ids, stm, ans_mask):
-    """Log-probs (B, T-1) of the tokens actually sampled and the policy entropy at those positions, from a clean
-    forward pass (not the temperature / top-k filtered sampling distribution)."""
+def answer_logprobs(model, ids, stm):
+    """Log-prob of each next token of ids and the policy entropy, both (B, T-1), from a clean forward pass (not the
+    temperature / top-k filtered sampling distribution); the caller keeps the sampled positions (ans_mask)."""
     logits, _ = model.decode(ids, stm)
     logp_all = F.log_softmax(logits[:, :-1].float(), dim=-1)
     logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -289,7 +289,7 @@ def impo_loss(model, critic, play, cfg):
     for t, s in enumerate(play["steps"], start=1):
         stm_prev = stm.detach() if cfg["detach_stm"] else stm
         m = s["ans_mask"][:, :-1]
-        logp, entropy = answer_logprobs(model, s["ids"], stm_prev, s["ans_mask"])
+        logp, entropy = answer_logprobs(model, s["ids"], stm_prev)
         if "old_logp" not in s:  # first epoch on this rollout: the old policy is the current one, before any update
             s["old_logp"] = logp.detach()
         value = critic(s["q_ids"], s["q_mask"], stm_prev.detach())

@@ -68,12 +68,16 @@ def configure(defaults, argv):
 # Device, precision, distributed (torchrun)
 
 
+def resolve_device(name):
+    """'auto' -> 'cuda' when there is a GPU, else 'cpu'; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def setup(cfg):
     """Device, autocast context and (rank, world_size) for this process; under torchrun also the process group."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg["device"] = resolve_device(cfg["device"])
     if ddp:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if cfg["device"] == "cuda":
@@ -322,7 +326,8 @@ def train(cfg, model, *, stage, loss_fn, get_batch, device, ctx, rank=0, world=1
             if master:
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
                 tqdm.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {shown}")
-            checkpoint(step + 1)
+            if not last:  # the final checkpoint follows the loop, with the run's timing in its metrics
+                checkpoint(step + 1)
     elapsed = time.time() - t0
     if world > 1:  # data parallelism is only correct if every rank ends with the same weights
         checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
