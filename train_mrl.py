@@ -49,11 +49,15 @@ DEFAULTS = dict(
     mem_jitter=0.15,
     # stage 4
     unfreeze_memory_at=0.0, unfreeze_encoder_at=0.5,  # fractions of smat_iters
-    detach_stm=True,  # one-step truncated BPTT between turns
+    # In both phases the decoder reads the memory that the last write produced, with gradients, so every turn's loss
+    # trains the write before it. *_detach_stm=True detaches the *input* of each write (one-step truncated BPTT):
+    # the loss of turn t trains the write of turn t-1 but not the earlier ones.
+    smat_detach_stm=True,
     aux_weight=0.01,
     # stage 5
+    mrl_detach_stm=True,
     max_answer=24, temperature=1.0, top_k=0, top_p=1.0,
-    ppo_epochs=2, clip_eps=0.2, entropy_coef=0.01, value_coef=0.5, memory_reg=1e-4,
+    ppo_epochs=2, clip_eps=0.2, entropy_coef=0.01, value_coef=0.5, memory_reg=1e-4, kl_coef=0.05,
     bleu_weight=1.0, recall_weight=1.0, cosine_weight=0.0,
     random_reset_prob=0.2, random_reset_std=0.5,
 )
@@ -119,19 +123,21 @@ def memory_pretrain_loss(model, turns, cfg, g):
 
 
 def smat_loss(model, turns, cfg, g):
-    """Encode turn t-1 -> update STM -> decode turn t reading it; answer-token CE summed over the episode."""
+    """Decode turn 1 from a fresh memory; then for every later turn t: encode turn t-1 -> update STM -> decode turn t
+    reading it. Answer-token CE summed over the episode."""
     stm = model.new_memory(turns[0][0].size(0), generator=g)
     total, metrics = 0.0, {}
-    for t in range(1, len(turns)):
-        ids, mask, _ = turns[t - 1]
-        stm = model.update_memory(stm.detach() if cfg["detach_stm"] else stm, ids, mask)
+    for t in range(len(turns)):
+        if t > 0:
+            ids, mask, _ = turns[t - 1]
+            stm = model.update_memory(stm.detach() if cfg["smat_detach_stm"] else stm, ids, mask)
         ids, mask, loss_mask = turns[t]
         logits, aux = model.decode(ids, stm)
         loss, acc = ar_loss(logits, ids, loss_mask)
         total = total + loss + cfg["aux_weight"] * aux
         if t == len(turns) - 1:  # the probe: teacher-forced accuracy of the recalled answer
             metrics.update(probe_loss=loss.detach(), probe_acc=acc)
-    metrics.update(smat_loss=total.detach() / (len(turns) - 1), tokens=sum(m.sum().item() for _, m, _ in turns))
+    metrics.update(smat_loss=total.detach() / len(turns), tokens=sum(m.sum().item() for _, m, _ in turns))
     return total, metrics
 
 
@@ -224,16 +230,16 @@ def rewards(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
     ref_len = ref_mask.sum(dim=1)
     r = cfg["bleu_weight"] * bleu(ans, ans_len, ref_ids, ref_len)
     if is_probe:
-        a_len = ans_len - (ans.gather(1, (ans_len - 1).clamp(min=0)[:, None])[:, 0] == tok.eos_id).long()
-        same_len = a_len == ref_len
+        # exact match of the whole answer, [EOS] included on both sides: a right answer cut short is not right
         L = min(ans.size(1), ref_ids.size(1))
-        same = ((ans[:, :L] == ref_ids[:, :L]) | ~ref_mask[:, :L]).all(dim=1) & same_len
+        same = ((ans[:, :L] == ref_ids[:, :L]) | ~ref_mask[:, :L]).all(dim=1) & (ans_len == ref_len)
         r = r + cfg["recall_weight"] * same.float()
     if cfg["cosine_weight"]:
         e = model.embed
         am = torch.arange(ans.size(1), device=ans.device)[None] < ans_len[:, None]
         mean_a = (e(ans) * am[..., None]).sum(1) / am.sum(1, keepdim=True).clamp(min=1)
-        mean_r = (e(ref_ids) * ref_mask[..., None]).sum(1) / ref_mask.sum(1, keepdim=True).clamp(min=1)
+        ref_tokens = ref_ids.masked_fill(~ref_mask, tok.pad_id)  # pads are -1 (so they never match): not embeddable
+        mean_r = (e(ref_tokens) * ref_mask[..., None]).sum(1) / ref_mask.sum(1, keepdim=True).clamp(min=1)
         r = r + cfg["cosine_weight"] * F.cosine_similarity(mean_a, mean_r, dim=-1)
     return r
 
@@ -282,31 +288,40 @@ def answer_logprobs(model, ids, stm):
 
 
 def impo_loss(model, critic, play, cfg):
-    """Clipped surrogate + value loss - entropy bonus + memory regularisation over the turns of a rollout."""
+    """Clipped surrogate + value loss - entropy bonus + memory regularisation + policy-stability KL over the turns of
+    a rollout. The memory chain is replayed with gradients: the decoder answers turn t from STM_{t-1} as the last
+    write produced it, so the policy loss trains the encoder and the memory attention too."""
     stm = model.update_memory(play["stm0"], *play["first"])
-    total, metrics = 0.0, {"reward": 0.0, "probe_reward": 0.0, "ratio": 0.0}
+    total, metrics = 0.0, {"reward": 0.0, "probe_reward": 0.0, "ratio": 0.0, "kl": 0.0}
     n = len(play["steps"])
     for t, s in enumerate(play["steps"], start=1):
-        stm_prev = stm.detach() if cfg["detach_stm"] else stm
         m = s["ans_mask"][:, :-1]
-        logp, entropy = answer_logprobs(model, s["ids"], stm_prev)
+        logp, entropy = answer_logprobs(model, s["ids"], stm)
         if "old_logp" not in s:  # first epoch on this rollout: the old policy is the current one, before any update
             s["old_logp"] = logp.detach()
-        value = critic(s["q_ids"], s["q_mask"], stm_prev.detach())
+        value = critic(s["q_ids"], s["q_mask"], stm.detach())
         adv = s["reward"] - value.detach()
         adv = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
-        ratio = torch.exp(logp - s["old_logp"])
+        log_ratio = logp - s["old_logp"]
+        ratio = torch.exp(log_ratio)
         surrogate = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - cfg["clip_eps"], 1 + cfg["clip_eps"]) * adv[:, None])
         tokens = m.sum().clamp(min=1)
         policy_loss = -(surrogate * m).sum() / tokens
         entropy_bonus = (entropy * m).sum() / tokens
+        # IMPO's policy stabilisation: KL(pi_old || pi) between the policy that sampled this rollout (the previous
+        # update step's) and the current one, estimated on the sampled tokens as (r - 1) - log r, r = pi / pi_old
+        # (>= 0, and 0 exactly when the policy did not move)
+        kl = ((ratio - 1 - log_ratio) * m).sum() / tokens
         value_loss = F.mse_loss(value, s["reward"])
+        stm_prev = stm.detach() if cfg["mrl_detach_stm"] else stm
         new_stm = model.update_memory(stm_prev, s["ids"], s["mask"])
         mem_reg = cfg["memory_reg"] * math.sqrt(t + 1) * F.mse_loss(new_stm, stm_prev)
-        total = total + policy_loss - cfg["entropy_coef"] * entropy_bonus + cfg["value_coef"] * value_loss + mem_reg
+        total = (total + policy_loss - cfg["entropy_coef"] * entropy_bonus + cfg["value_coef"] * value_loss + mem_reg
+                 + cfg["kl_coef"] * kl)
         stm = new_stm
         metrics["reward"] += s["reward"].mean().item() / n
         metrics["ratio"] += ((ratio * m).sum() / tokens).item() / n
+        metrics["kl"] += kl.item() / n
         if t == n:
             metrics["probe_reward"] = s["reward"].mean().item()
     metrics["tokens"] = sum(s["mask"].sum().item() for s in play["steps"])
