@@ -1,12 +1,12 @@
 """
-Benchmarks: what RxT's fixed-size memory buys, and what Sparse Query Attention buys (DESIGN.md sections 1, 2.1, 5).
+Benchmarks: what RxT's fixed-size memory buys, and what Sparse Query Attention buys.
 
   conversation  RxT and the stateless baseline (same ModelConfig) hold an N-turn conversation of 32-token queries
                 and 32-token greedy answers: per turn prefill (time to first token), generation, RxT's memory update
                 (off the user's path, reported apart) and tokens processed
   attention     model.Attention as MHA, GQA, MQA, SQA, sSQA, xSQA at the same D and H: causal self-attention with
                 RoPE, forward and forward+backward at long sequence lengths, speed-up over MHA, FLOPs of the scores
-  training      tokens/s of a joint training step (train_joint.joint_loss, backward, AdamW) for nano and micro, and
+  training      tokens/s of a joint training step (MLM + decoder reading the ED, backward, AdamW) for nano and micro, and
                 the achieved FLOP/s against a plain matmul measured in the same run (MFU on GPU)
   memory        the state each model carries into turn N (RxT: the STM; baseline: the KV cache of the whole history)
                 and the peak memory of a long conversation
@@ -266,7 +266,7 @@ def bench_conversation(args, device, amp, quiet=False):
 
 
 def attention_variants(H):
-    """(Hq, Hkv) of each member of the family at H heads (DESIGN 2.1)."""
+    """(Hq, Hkv) of each member of the family at H heads: sSQA is Hq = Hkv = H/2, xSQA Hq = Hkv = H/4."""
     return {"MHA": (H, H), "GQA": (H, max(1, H // 4)), "MQA": (H, 1), "SQA": (H // 2, max(1, H // 4)),
             "sSQA": (H // 2, H // 2), "xSQA": (H // 4, H // 4)}
 
@@ -352,8 +352,8 @@ def matmul_flops_per_s(device, dtype, n=2048, repeats=5):
 
 
 def bench_training(args, device, amp):
-    import train_joint  # the training stack is needed here only
-    import training
+    import training  # the training stack is needed here only
+    from data.loaders import mlm_inputs, next_token_targets
 
     if args.quick:
         shapes = {"nano": (2, 32)}
@@ -381,9 +381,15 @@ def bench_training(args, device, amp):
         mask = torch.ones_like(ids, dtype=torch.bool)
         mask_id = cfg.vocab_size - 1  # any id will do for timing
 
-        def step():
+        targets = next_token_targets(ids, mask)
+
+        def step():  # stage 1's step: MLM on a masked copy, the decoder reads the detached ED plus noise
             with amp:
-                loss, _ = train_joint.joint_loss(model, ids, mask, mask_id=mask_id, generator=g)
+                masked, mlm_targets = mlm_inputs(ids, mask, mask_id, 0.15, g)
+                ed, mlm_loss, _ = model.mlm(masked, mask, mlm_targets)
+                memory = ed.detach() + 0.15 * torch.randn(ed.shape, generator=g, device=device)
+                _, ar_loss, aux_loss = model.decode(ids, memory, mask, targets)
+                loss = ar_loss + mlm_loss + 0.01 * aux_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -401,7 +407,7 @@ def bench_training(args, device, amp):
                      f"{flops_per_s / 1e9:.1f}", f"{100 * r['fraction_of_matmul']:.0f}%"]
                     + ([f"{100 * r['mfu']:.1f}%"] if peak else []))
     ref_name = "bf16" if cuda else "fp32"
-    print_table(f"3. Training throughput: joint step (train_joint.joint_loss + backward + AdamW), "
+    print_table(f"3. Training throughput: joint step (MLM + AR on the ED + backward + AdamW), "
                 f"{'bf16 autocast' if cuda else 'fp32'}; FLOPs = {result['flops_formula']}",
                 ["preset", "B x T", "step ms", "tokens/s", "N active", "GFLOP/s", f"of {ref_name} matmul"]
                 + (["MFU"] if peak else []), rows)

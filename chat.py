@@ -55,11 +55,11 @@ class Session:
     def answer(self, query, out):
         """Stream the answer to `out`; then start the memory update in the background. Returns the answer text."""
         self.wait()
-        max_prompt = self.model.cfg.seq_len - self.cfg["max_new_tokens"] - 1  # prompt + answer + [EOS] must fit
+        seq_len, max_new = self.model.cfg.seq_len, self.cfg["max_new_tokens"]
+        query_ids = collate_queries(self.tok, [query], seq_len, max_new)[0][0].tolist()  # [BOS][Q] query [A]
         n = len(self.tok.encode(query))
-        if n + 3 > max_prompt:  # the data's rule: drop from the front, the question usually ends the message
-            print(f"(input is {n} tokens; truncated to its last {max_prompt - 3})", file=sys.stderr)
-        query_ids = collate_queries(self.tok, [query], max_prompt)[0][0].tolist()  # [BOS][Q] query [A]
+        if n + 3 > len(query_ids):  # the data's rule: drop from the front, the question usually ends the message
+            print(f"(input is {n} tokens; truncated to its last {len(query_ids) - 3})", file=sys.stderr)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # print whole characters only (emoji!)
         answer = []
         for tok_id in self.model.interact(query_ids, self.stm, temperature=self.cfg["temperature"],
@@ -96,9 +96,7 @@ class Session:
 def load(cfg):
     if not os.path.isfile(cfg["ckpt"]):
         raise training.CheckpointError(f"checkpoint not found: {cfg['ckpt']} (train one with: python demo.py)")
-    ckpt = training.load_checkpoint(cfg["ckpt"], cfg["device"])
-    model = training.model_from_checkpoint(ckpt, cfg["ckpt"], cfg["device"]).eval()
-    return model, training.tokenizer_from_checkpoint(ckpt), ckpt
+    return training.load_for_inference(cfg["ckpt"], cfg["device"])
 
 
 def main(argv):

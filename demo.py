@@ -15,6 +15,7 @@ import sys
 import time
 
 import training
+from evaluate import format_table
 
 OUT = "out/nano"
 WORLD = "data/cache/world"
@@ -28,7 +29,7 @@ def stages(extra):
         ("joint", [py, "train_joint.py", "config/nano_joint.py", *extra]),
         ("sft", [py, "train_joint.py", "config/nano_sft.py", *extra]),
         ("memory stages", [py, "train_mrl.py", "config/nano_mrl.py", *extra]),
-        ("eval", [py, "eval.py", f"--ckpt={OUT}/mrl/ckpt.pt", f"--out={OUT}/eval.json"]),
+        ("eval", [py, "evaluate.py", f"--ckpt={OUT}/mrl/ckpt.pt", f"--out={OUT}/eval.json"]),
     ]
 
 
@@ -52,11 +53,9 @@ def report(wall):
     eval_path = f"{OUT}/eval.json"
     if os.path.isfile(eval_path):
         results = json.load(open(eval_path))["results"]
-        lines += ["## Memory recall on held-out episodes (greedy, exact match)", "",
-                  "| distance | episodes | recall | STM reset before probe (control) |", "|---|---|---|---|"]
-        for d, r in results.items():
-            lines.append(f"| {d} | {r['n']} | {r['recall']:.1%} | {r['reset_control']:.1%} |")
-        plot(results)
+        lines += ["## Memory on held-out episodes (greedy, exact match): recall by turns between fact and question",
+                  "", "```", format_table(results), "```"]
+        plot(results["recall"])
     text = "\n".join(lines) + "\n"
     with open(f"{OUT}/report.md.tmp", "w") as f:
         f.write(text)

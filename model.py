@@ -1,19 +1,31 @@
 """
 nanoRxT: the Reactive Transformer (RxT) in one file.
 
-RxT is a stateful, event-driven chat model. For every interaction (turn) t:
-  1. the decoder answers the query, reading the previous Short-Term Memory STM_{t-1}
-     through memory cross-attention (the only context it has: it never re-reads the history);
-  2. afterwards the encoder encodes the whole interaction `[BOS][Q] query [A] answer [EOS]`
-     into encoded data ED_t, and the memory attention network writes it into memory:
-     STM_t = MemAttn(STM_{t-1}, ED_t), through a sigmoid residual gate.
-Every turn costs the same however long the conversation is: O(N*T) per conversation, not O(N^2*T).
+RxT is a stateful, event-driven chat model. It never re-reads the conversation: everything it knows about earlier
+turns lives in a fixed-size Short-Term Memory (STM). For every interaction (turn) t:
+  1. generate - the decoder answers the query `[BOS][Q] query [A]`, reading the previous memory STM_{t-1} through
+     memory cross-attention. Its self-attention sees only this interaction;
+  2. update - afterwards (off the user's path) the encoder encodes the whole interaction
+     `[BOS][Q] query [A] answer [EOS]` into encoded data ED_t, one tensor per layer, and the memory attention network
+     writes it into memory: STM_t = MemAttn(STM_{t-1}, ED_t), through a sigmoid residual gate.
+So every turn costs the same, however long the conversation: O(N*T) for N turns of T tokens, where a stateless LLM
+that re-reads the history pays O(N^2*T).
 
-Read top to bottom: config -> RoPE -> attention (the SQA family) -> feed-forward (SwiGLU, MoE)
--> encoder and decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline.
-Paper: Filipek, "Reactive Transformer (RxT)", arXiv 2510.03561. Spec: DESIGN.md.
-Notation: B batch, T tokens, L layers, D model dim, H heads (fixes hd = D/H), Hq query heads,
-Hkv key/value heads, S STM slots per layer, V vocab, E experts, k experts per token.
+Read top to bottom: config -> RoPE -> attention (the SQA family) -> feed-forward (SwiGLU, MoE) -> encoder and
+decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline. Where this file departs
+from the reference implementation (RxNN/RxLM), the comment says so and why.
+
+References
+  RxT      A. Filipek, "Reactive Transformer (RxT) - Stateful Real-Time Processing for Event-Driven Reactive Language
+           Models", arXiv:2510.03561 (2025). The RxT-Alpha model cards (Nano/Micro/Mini) give the sizes of PRESETS.
+  SQA      A. Filipek, "Sparse Query Attention (SQA): A Computationally Efficient Attention Mechanism with Query Heads
+           Reduction", arXiv:2510.01817 (2025).
+  RoPE     Su et al., arXiv:2104.09864. SwiGLU: Shazeer, arXiv:2002.05202. RMSNorm: Zhang & Sennrich, arXiv:1910.07467.
+  Switch   Fedus, Zoph & Shazeer, "Switch Transformers", arXiv:2101.03961 (the MoE load-balancing loss).
+
+Notation in shape comments: B batch, T tokens, L layers, D model dim, H heads (only fixes the head size hd = D/H),
+Hq query heads, Hkv key/value heads, S STM slots per layer, M length of what cross-attention reads (S slots or T
+tokens), V vocab, E experts, k experts per token, N tokens of a flattened batch.
 """
 
 import math
@@ -42,7 +54,7 @@ class ModelConfig:
     seq_len: int = 256  # longest single interaction
     stm_size: int = 256  # S, memory slots per layer
     memory_attention: str = "self-interlayer"  # simple | self | interlayer | self-interlayer
-    gate_type: str = "linear"  # static | elementwise | linear | none (plain residual, for comparison)
+    gate_type: str = "linear"  # static | per-slot | linear | none (plain residual, for comparison)
     encoder_cross_attention: bool = False  # only the RxT-Alpha Mini *Base* encoder card has it
     enc_cross_q_heads: int = 8
     enc_cross_kv_heads: int = 4
@@ -50,28 +62,37 @@ class ModelConfig:
     stm_init_std: float = 0.02
 
     def __post_init__(self):
-        assert self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"
-        assert (self.d_model // self.n_heads) % 2 == 0, "RoPE needs an even head size"
-        assert self.n_q_heads % self.n_kv_heads == 0, "query heads must be a multiple of kv heads"
-        assert self.top_k <= self.n_experts
-        assert self.memory_attention in ("simple", "self", "interlayer", "self-interlayer"), self.memory_attention
-        assert self.gate_type in ("static", "elementwise", "linear", "none"), self.gate_type
+        checks = [(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+                  ((self.d_model // max(1, self.n_heads)) % 2 == 0, "RoPE needs an even head size d_model/n_heads"),
+                  (self.n_q_heads % max(1, self.n_kv_heads) == 0, "n_q_heads must be a multiple of n_kv_heads"),
+                  (0 < self.top_k <= self.n_experts, "top_k must be in 1..n_experts"),
+                  (self.memory_attention in MEMORY_ATTENTION, f"memory_attention must be one of {MEMORY_ATTENTION}"),
+                  (self.gate_type in GATES, f"gate_type must be one of {GATES}")]
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_q_heads", "n_kv_heads", "enc_ff_dim",
+                 "n_experts", "expert_dim", "seq_len", "stm_size")
+        checks += [(getattr(self, f) > 0, f"{f} must be positive") for f in sizes]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {message}")
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
 
 
-# The seeds' sizes (micro, mini) and the CPU demo (nano). Parameter counts are checked in tests.
+MEMORY_ATTENTION = ("simple", "self", "interlayer", "self-interlayer")
+GATES = ("static", "per-slot", "linear", "none")
+
+# The RxT-Alpha cards' sizes (micro, mini) and the CPU demo (nano). Parameter counts are checked in tests.
 PRESETS = {
     "nano": ModelConfig(vocab_size=2048, d_model=96, n_layers=4, n_heads=4, n_q_heads=2, n_kv_heads=2,
                         enc_ff_dim=256, n_experts=4, top_k=2, expert_dim=192, seq_len=128, stm_size=64,
-                        memory_attention="interlayer", gate_type="elementwise"),
+                        memory_attention="interlayer", gate_type="per-slot"),
     "micro": ModelConfig(),
-    # Mini: linear gates would be 1024x1024 per gate, so per-slot elementwise gates (DESIGN 2.6)
+    # Mini: a linear gate would be a 1024x1024 matrix per gate, so per-slot gates
     "mini": ModelConfig(vocab_size=10000, d_model=256, n_layers=8, n_heads=16, n_q_heads=8, n_kv_heads=8,
                         enc_ff_dim=768, n_experts=16, top_k=2, expert_dim=512, seq_len=1024, stm_size=1024,
-                        gate_type="elementwise", encoder_cross_attention=True),
+                        gate_type="per-slot", encoder_cross_attention=True),
 }
 
 
@@ -79,15 +100,16 @@ def get_config(preset, **overrides):
     """A preset's ModelConfig with some fields replaced (unknown fields are an error)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(overrides) - known
+    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
     return replace(PRESETS[preset], **overrides)
 
 
 # -----------------------------------------------------------------------------
-# RoPE: positions only where positions exist (DESIGN 2.2)
+# RoPE: positions only where positions exist. Token sequences carry positions; the STM is a *set* of slots and never
+# does. So: self-attention rotates queries and keys; the decoder's memory cross-attention (tokens -> STM) rotates only
+# its queries; the memory write (STM -> ED tokens) rotates only the token keys; STM -> STM attention rotates nothing.
 
 
 def rope(positions, head_dim, base):
@@ -107,7 +129,11 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
-# Attention: one class for MHA, GQA, MQA and Sparse Query Attention (SQA, sSQA, xSQA)
+# Attention: one class for the whole family, by its number of query heads Hq and key/value heads Hkv at head size
+# hd = D / H. MHA: Hq = Hkv = H. GQA: Hkv < Hq = H (groups of query heads share a K/V head). MQA: Hkv = 1.
+# Sparse Query Attention (SQA) instead cuts the *query* heads, Hq < H: the score matmuls (T x T per query head) then
+# cost Hq/H of MHA's, which matters where a whole sequence is processed at once (training, prompts, the encoder).
+# Symmetric SQA (sSQA) is Hq = Hkv = H/2, extreme SQA (xSQA) is Hq = Hkv <= H/4. RxT-Alpha uses sSQA everywhere.
 
 
 class KVCache:
@@ -130,36 +156,36 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """The attention family by (H, Hq, Hkv): MHA (Hq=Hkv=H), GQA/MQA (fewer kv heads), SQA (fewer *query* heads)."""
+    """The attention family by (H, Hq, Hkv): MHA, GQA, MQA and SQA - self-attention or cross-attention."""
 
     def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads):
         super().__init__()
         self.hd, self.n_q, self.n_kv = d_model // n_heads, n_q_heads, n_kv_heads
-        # SQA's saving: with Hq < H the score matmuls (T x T per head) cost Hq/H of MHA's
         self.q_proj = nn.Linear(d_model, n_q_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
         self.out_proj = nn.Linear(n_q_heads * self.hd, d_model, bias=True)
 
-    def project_kv(self, kv, k_rope=None):
-        """Keys and values (B, Hkv, M, hd) of a source; cacheable (e.g. the STM once per turn)."""
-        B, M, _ = kv.shape
-        k = self.k_proj(kv).view(B, M, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(kv).view(B, M, self.n_kv, self.hd).transpose(1, 2)
-        if k_rope is not None:
-            k = apply_rope(k, *k_rope)
-        return k, v
+    def keys_values(self, context, k_rope=None):
+        """Keys and values (B, Hkv, M, hd) of what the queries read; cacheable (the STM's, once per turn)."""
+        B, M, _ = context.shape
+        k = self.k_proj(context).view(B, M, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(context).view(B, M, self.n_kv, self.hd).transpose(1, 2)
+        return (k if k_rope is None else apply_rope(k, *k_rope)), v
 
-    def forward(self, x, kv=None, *, q_rope=None, k_rope=None, mask=None, is_causal=False, kv_cached=None, cache=None):
-        # x (B, T, D) queries; kv (B, M, D) source (None: self-attention); mask bool, True = may attend
+    def forward(self, x, context=None, *, context_kv=None, q_rope=None, k_rope=None, attn_mask=None, is_causal=False,
+                cache=None):
+        """x (B, T, D) makes the queries. They read `context` (B, M, D), or x itself when it is None (self-attention),
+        or `context_kv`, its keys/values already projected. A `cache` (KVCache) first appends this step's keys/values
+        and then serves all of them. attn_mask (B or 1, 1, T or 1, M) bool: True = may attend."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_q, self.hd).transpose(1, 2)  # (B, Hq, T, hd)
         if q_rope is not None:
             q = apply_rope(q, *q_rope)
-        k, v = kv_cached if kv_cached is not None else self.project_kv(x if kv is None else kv, k_rope)
+        k, v = context_kv if context_kv is not None else self.keys_values(x if context is None else context, k_rope)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, T_cache, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=self.n_q != self.n_kv)  # (B, Hq, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.hd))
 
@@ -182,7 +208,10 @@ class SwiGLU(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Decoder feed-forward: a softmax router sends each token to its top-k SwiGLU experts."""
+    """Decoder feed-forward: a softmax router sends each token to its top-k SwiGLU experts (no capacity limit, no
+    dropped tokens). Also returns the Switch Transformer load-balancing loss E * sum_e f_e * P_e (f_e: share of the
+    routing slots sent to expert e, P_e: mean router probability of e over all tokens), which is 1 when routing is
+    uniform. (The reference averages P_e over the routed tokens only, a non-standard variant.)"""
 
     def __init__(self, d_model, n_experts, top_k, hidden):
         super().__init__()
@@ -193,17 +222,15 @@ class MoEFeedForward(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
-    def forward(self, x):  # (B, T, D) -> (B, T, D), load-balancing loss
+    def forward(self, x):  # (B, T, D) -> (B, T, D), balancing loss
         shape, D = x.shape, x.size(-1)
         x = x.reshape(-1, D)  # (N, D)
         probs = F.softmax(self.router(x).float(), dim=-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise the k chosen
         experts = experts.flatten()  # (N*k,) routing slots, k per token
-        # Switch-style balancing loss E * sum_e f_e * P_e: equals 1 at perfectly uniform routing
         counts = torch.bincount(experts, minlength=self.n_experts)  # (E,)
-        f = counts.float() / experts.numel()
-        aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        aux_loss = self.n_experts * (counts.float() / experts.numel() * probs.mean(dim=0)).sum()
         # dispatch without a loop over tokens: sort the slots by expert, gather their tokens once, run each used
         # expert once on its contiguous slice, scatter-add the weighted outputs back to their tokens
         order = experts.argsort()  # (N*k,)
@@ -243,9 +270,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.RMSNorm(D)
         self.ff = SwiGLU(D, cfg.enc_ff_dim)
 
-    def forward(self, x, rope_cs, mask=None, stm_l=None):
-        x = x + self.attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, mask=mask)
-        if self.cross_attn is not None and stm_l is not None:  # STM is a set: keys carry no position
+    def forward(self, x, rope_cs, attn_mask=None, stm_l=None):
+        x = x + self.attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=attn_mask)
+        if self.cross_attn is not None and stm_l is not None:  # the STM is a set: its keys carry no position
             x = x + self.cross_attn(self.norm_cross(x), self.stm_norm(stm_l), q_rope=rope_cs)
         return x + self.ff(self.norm2(x))
 
@@ -258,16 +285,15 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
 
-    def forward(self, x, mask=None, stm=None):
-        # x (B, T, D) embeddings; mask (B, T) bool, True = real token; stm (L, B, S, D) or None
-        T = x.size(1)
-        rope_cs = rope(torch.arange(T, device=x.device), self.cfg.head_dim, self.cfg.rope_base)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): key padding
+    def forward(self, x, attn_mask=None, stm=None):
+        # x (B, T, D) embeddings; attn_mask (B, T) bool, True = real token; stm (L, B, S, D) or None -> ED (L, B, T, D)
+        rope_cs = rope(torch.arange(x.size(1), device=x.device), self.cfg.head_dim, self.cfg.rope_base)
+        key_mask = None if attn_mask is None else attn_mask[:, None, None, :]  # (B, 1, 1, T): padding is never read
         ed = []
         for l, layer in enumerate(self.layers):
-            x = layer(x, rope_cs, attn_mask, None if stm is None else stm[l])
+            x = layer(x, rope_cs, key_mask, None if stm is None else stm[l])
             ed.append(x)
-        return torch.stack(ed), x  # ED (L, B, T, D), last hidden state (B, T, D)
+        return torch.stack(ed)
 
 
 class DecoderLayer(nn.Module):
@@ -285,15 +311,11 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.RMSNorm(D)
         self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim)
 
-    def memory_kv(self, memory_l):
-        """K/V of one memory layer (B, S, D): queries are rotated, memory keys are not (the STM is a set)."""
-        return self.cross_attn.project_kv(self.stm_norm(memory_l))
-
     def forward(self, x, rope_cs, memory_kv=None, memory_mask=None, self_mask=None, is_causal=True, cache=None):
-        x = x + self.self_attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, mask=self_mask, is_causal=is_causal,
-                               cache=cache)
-        if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm2(x), q_rope=rope_cs, kv_cached=memory_kv, mask=memory_mask)
+        x = x + self.self_attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=self_mask,
+                               is_causal=is_causal, cache=cache)
+        if self.cross_attn is not None:  # queries carry positions, memory keys do not (the STM is a set)
+            x = x + self.cross_attn(self.norm2(x), context_kv=memory_kv, q_rope=rope_cs, attn_mask=memory_mask)
         h, aux_loss = self.moe(self.norm3(x))
         return x + h, aux_loss
 
@@ -305,18 +327,18 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg, memory_cross_attention) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model)  # our deviation: the reference has no final norm; it stabilises training
+        self.norm = nn.RMSNorm(cfg.d_model)  # deviation: the reference has no final norm; it stabilises training
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
-    def memory_kv(self, memory):
-        """Per-layer memory K/V, computed once per turn and reused for every generated token."""
+    def project_memory(self, memory):
+        """Per-layer K/V of the memory (L, B, M, D), computed once per turn and reused for every generated token."""
         if self.layers[0].cross_attn is None:
             return [None] * len(self.layers)
-        return [layer.memory_kv(memory[l]) for l, layer in enumerate(self.layers)]
+        return [layer.cross_attn.keys_values(layer.stm_norm(memory[l])) for l, layer in enumerate(self.layers)]
 
     def forward(self, x, memory_kv=None, memory_mask=None, positions=None, self_mask=None, caches=None,
                 logits_at=None):
-        # x (B, T, D); memory_kv from memory_kv(); memory_mask (B, M) bool or None; positions (T,) or (B, T);
+        # x (B, T, D); memory_kv from project_memory(); memory_mask (B, M) bool or None; positions (T,) or (B, T);
         # logits_at (B,): only the logits at these positions (a prompt needs just its last one), shape (B, 1, V)
         B, T, _ = x.shape
         if positions is None:
@@ -325,33 +347,34 @@ class Decoder(nn.Module):
         # a prompt into an empty cache is plain causal; one new token attends every cached key
         is_causal = self_mask is None and T > 1
         assert not (is_causal and caches is not None and caches[0].len > 0), "multi-token step on a filled cache"
-        mem_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         memory_kv = memory_kv or [None] * len(self.layers)
         aux_loss = 0.0
         for l, layer in enumerate(self.layers):
-            x, aux = layer(x, rope_cs, memory_kv[l], mem_mask, self_mask, is_causal, None if caches is None else caches[l])
+            x, aux = layer(x, rope_cs, memory_kv[l], memory_mask, self_mask, is_causal,
+                           None if caches is None else caches[l])
             aux_loss = aux_loss + aux
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.norm(x)), aux_loss / len(self.layers)
 
     @torch.no_grad()
-    def stream(self, embed, ids, mask=None, memory_kv=None, *, max_new_tokens=64, temperature=1.0, top_k=None,
+    def stream(self, embed, ids, attn_mask=None, memory_kv=None, *, max_new_tokens=64, temperature=1.0, top_k=None,
                top_p=None, eos_id=None, generator=None):
         """Yield the next token (B,) per step, with a real incremental KV cache: one token per forward after the
-        prompt. ids (B, T) right-padded prompts, mask (B, T) bool. Stops when every row has sampled eos_id."""
+        prompt. ids (B, T) right-padded prompts, attn_mask (B, T) bool. Stops when every row has sampled eos_id."""
         B, T = ids.shape
         caches = [KVCache(T + max_new_tokens) for _ in self.layers]
-        if mask is None:
+        if attn_mask is None:
             lengths = torch.full((B,), T, device=ids.device)
             logits, _ = self(embed(ids), memory_kv, caches=caches, logits_at=lengths - 1)
             key_valid = None
         else:
-            lengths = mask.sum(dim=1)
+            lengths = attn_mask.sum(dim=1)
             causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            logits, _ = self(embed(ids), memory_kv, self_mask=causal & mask[:, None, None, :], caches=caches,
+            logits, _ = self(embed(ids), memory_kv, self_mask=causal & attn_mask[:, None, None, :], caches=caches,
                              logits_at=lengths - 1)
-            key_valid = mask  # pads stay in the cache, masked out
+            key_valid = attn_mask  # pads stay in the cache, masked out
         next_logits = logits[:, -1]  # (B, V) after each row's last prompt token
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
@@ -388,8 +411,30 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def collect(stream, B, eos_id, device):
+    """Run a token stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
+    tokens = torch.stack(list(stream), dim=1)  # (B, N)
+    lengths = torch.full((B,), tokens.size(1), device=device)
+    if eos_id is not None:
+        is_eos = tokens == eos_id
+        lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, lengths)
+    return tokens, lengths
+
+
+def token_loss(logits, targets):
+    """Mean cross-entropy over the targets that count. logits (B, T, V); targets (B, T): targets[:, t] is the token
+    logits[:, t] should predict, -100 where nothing counts (padding, the query of an interaction)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def token_accuracy(logits, targets):
+    """Share of the counted targets that the argmax of the logits gets right."""
+    counted = targets != -100
+    return (logits.argmax(dim=-1) == targets)[counted].float().mean()
+
+
 class MLMHead(nn.Module):
-    """Masked-language-model head for the encoder (training only): Linear -> GELU -> LayerNorm -> Linear."""
+    """Masked-language-model head of the encoder (training only): Linear -> GELU -> LayerNorm -> Linear."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -402,22 +447,25 @@ class MLMHead(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Memory attention: the write path into the Short-Term Memory (DESIGN 2.5, 2.6)
+# Memory attention: the write path into the Short-Term Memory. The STM (L, B, S, D) holds S slots per layer; it is
+# state, passed around like an RNN's hidden state. A write is attention with the old slots as queries and the encoded
+# interaction as keys/values, followed by a gated residual. Without the gate (STM + Update) the memory's norm grows
+# turn after turn; the sigmoid gate makes every write a convex mix, so it stays bounded.
 
 
 class ResidualGate(nn.Module):
-    """Sigmoid per-slot gate of a memory write: STM_t = (1 - G) * STM_{t-1} + G * Update, G (B, S, 1)."""
+    """Sigmoid gate of a memory write: STM_t = (1 - G) * STM_{t-1} + G * Update, one G per slot (B, S, 1)."""
 
     def __init__(self, kind, n_slots):
         super().__init__()
         self.kind = kind
-        if kind == "static":
+        if kind == "static":  # G = sigmoid(w), a learned constant per slot
             self.w = nn.Parameter(torch.full((n_slots, 1), -1.0))  # sigmoid(-1) ~ 0.27 at init
-        elif kind == "elementwise":
+        elif kind == "per-slot":  # G = sigmoid(w * mean_D(STM + Update) + b), w and b per slot
             self.w = nn.Parameter(torch.ones(n_slots))
             self.b = nn.Parameter(torch.full((n_slots,), -1.0))
-        elif kind == "linear":
-            self.lin = nn.Linear(n_slots, n_slots)  # mixes evidence across slots (RxT-Alpha Micro)
+        elif kind == "linear":  # G = sigmoid(Linear(S, S)(mean_D(STM + Update))): mixes evidence across slots (Micro)
+            self.lin = nn.Linear(n_slots, n_slots)
 
     def forward(self, stm, update):  # (B, S, D) each
         if self.kind == "none":  # plain residual: norms grow turn after turn (kept to show why the gate exists)
@@ -426,24 +474,25 @@ class ResidualGate(nn.Module):
             g = torch.sigmoid(self.w)  # (S, 1)
         else:
             m = (stm + update).mean(dim=-1)  # (B, S)
-            z = self.w * m + self.b if self.kind == "elementwise" else self.lin(m)
-            g = torch.sigmoid(z)[..., None]  # (B, S, 1)
+            g = torch.sigmoid(self.w * m + self.b if self.kind == "per-slot" else self.lin(m))[..., None]  # (B, S, 1)
         return (1 - g) * stm + g * update
 
 
 class MemoryAttentionLayer(nn.Module):
-    """Writes one layer of encoded data into one STM layer (after an optional STM-to-STM step, per variant)."""
+    """Writes one layer of encoded data into one STM layer, after an optional STM -> STM step (the variants):
+    simple (none), self (the layer's slots attend to themselves), interlayer (to the mean of all layers' slots),
+    self-interlayer (to a learned per-slot mix of both)."""
 
     def __init__(self, cfg):
         super().__init__()
         D, S = cfg.d_model, cfg.stm_size
         self.variant = cfg.memory_attention
-        if self.variant != "simple":  # self / inter-layer step first: STM -> STM, no positions anywhere
+        if self.variant != "simple":  # STM -> STM first: no positions anywhere
             self.pre_norm_q, self.pre_norm_kv = nn.RMSNorm(D), nn.RMSNorm(D)
             self.pre_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
             self.pre_gate = ResidualGate(cfg.gate_type, S)
             if self.variant == "self-interlayer":
-                self.mix = nn.Parameter(torch.zeros(S, 1))  # per-slot mix of own layer vs layer mean, sigmoid(0)=0.5
+                self.mix = nn.Parameter(torch.zeros(S, 1))  # sigmoid(0) = 0.5: half own layer, half the mean
         self.norm_stm, self.norm_ed = nn.RMSNorm(D), nn.RMSNorm(D)
         self.attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
         self.gate = ResidualGate(cfg.gate_type, S)
@@ -452,15 +501,15 @@ class MemoryAttentionLayer(nn.Module):
         # stm_l, stm_mean (B, S, D); ed_l (B, T, D); ed_mask (B, 1, 1, T) or None
         if self.variant != "simple":
             if self.variant == "self":
-                kv = self.pre_norm_kv(stm_l)
+                context = self.pre_norm_kv(stm_l)
             elif self.variant == "interlayer":
-                kv = self.pre_norm_kv(stm_mean)
+                context = self.pre_norm_kv(stm_mean)
             else:
                 m = torch.sigmoid(self.mix)
-                kv = m * self.pre_norm_kv(stm_l) + (1 - m) * self.pre_norm_kv(stm_mean)
-            stm_l = self.pre_gate(stm_l, self.pre_attn(self.pre_norm_q(stm_l), kv))
+                context = m * self.pre_norm_kv(stm_l) + (1 - m) * self.pre_norm_kv(stm_mean)
+            stm_l = self.pre_gate(stm_l, self.pre_attn(self.pre_norm_q(stm_l), context))
         # main step: slots query the interaction's tokens; only the token keys carry positions
-        update = self.attn(self.norm_stm(stm_l), self.norm_ed(ed_l), k_rope=ed_rope, mask=ed_mask)
+        update = self.attn(self.norm_stm(stm_l), self.norm_ed(ed_l), k_rope=ed_rope, attn_mask=ed_mask)
         return self.gate(stm_l, update)
 
 
@@ -473,11 +522,10 @@ class MemoryAttention(nn.Module):
         self.layers = nn.ModuleList(MemoryAttentionLayer(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, stm, ed, ed_mask=None):  # stm (L, B, S, D), ed (L, B, T, D), ed_mask (B, T) -> (L, B, S, D)
-        T = ed.size(2)
-        ed_rope = rope(torch.arange(T, device=ed.device), self.cfg.head_dim, self.cfg.rope_base)
-        mask = None if ed_mask is None else ed_mask[:, None, None, :]
+        ed_rope = rope(torch.arange(ed.size(2), device=ed.device), self.cfg.head_dim, self.cfg.rope_base)
+        key_mask = None if ed_mask is None else ed_mask[:, None, None, :]
         stm_mean = stm.mean(dim=0)  # (B, S, D): what the inter-layer variants attend to
-        return torch.stack([layer(stm[l], stm_mean, ed[l], ed_rope, mask) for l, layer in enumerate(self.layers)])
+        return torch.stack([layer(stm[l], stm_mean, ed[l], ed_rope, key_mask) for l, layer in enumerate(self.layers)])
 
 
 # -----------------------------------------------------------------------------
@@ -508,6 +556,8 @@ class ReactiveTransformer(nn.Module):
         stm = model.new_memory(1)
         for tok in model.interact(query_ids, stm, eos_id=eos): ...      # answer, reading STM_{t-1}
         stm = model.update_memory(stm, interaction_ids)                   # write the turn: STM_t
+    Losses live here too, as in nanoGPT: decode(..., targets) and mlm(...) return them; targets use -100 for
+    positions that do not count (padding, the query of an interaction, unmasked tokens).
     """
 
     def __init__(self, cfg):
@@ -527,22 +577,30 @@ class ReactiveTransformer(nn.Module):
         stm = torch.randn(c.n_layers, batch_size, c.stm_size, c.d_model, generator=generator, device=device)
         return (stm * c.stm_init_std).to(self.embed.weight.device)
 
-    def encode(self, ids, mask=None, stm=None):
-        """Encoded data of a full interaction: ED (L, B, T, D) and the last hidden state (B, T, D)."""
-        return self.encoder(self.embed(ids), mask, stm if self.cfg.encoder_cross_attention else None)
+    def encode(self, ids, attn_mask=None, stm=None):
+        """Encoded data ED (L, B, T, D) of a full interaction (stm: only for the Mini-Base encoder's cross-attention)."""
+        return self.encoder(self.embed(ids), attn_mask, stm if self.cfg.encoder_cross_attention else None)
 
-    def decode(self, ids, memory, memory_mask=None):
-        """Next-token logits (B, T, V) and the MoE balancing loss, reading memory (L, B, M, D) - the STM, or
-        (in joint pre-training) the encoder's ED with its padding mask (B, M)."""
-        return self.decoder(self.embed(ids), self.decoder.memory_kv(memory), memory_mask)
+    def mlm(self, masked_ids, attn_mask, targets):
+        """Masked language modelling: ED of the masked ids, and the MLM head's cross-entropy and accuracy on the
+        positions whose target is not -100 (the masked ones)."""
+        ed = self.encode(masked_ids, attn_mask)
+        chosen = targets != -100  # (B, T)
+        logits = self.mlm_head(ed[-1][chosen])  # (n_masked, V): the head only where it is scored
+        loss = F.cross_entropy(logits.float(), targets[chosen])
+        return ed, loss, (logits.argmax(dim=-1) == targets[chosen]).float().mean()
 
-    def update_memory(self, stm, ids, mask=None):
+    def decode(self, ids, memory, memory_mask=None, targets=None):
+        """Next-token logits (B, T, V) reading memory (L, B, M, D) - the STM, or in joint pre-training the encoder's
+        ED with its padding mask (B, M). Returns logits, the cross-entropy on targets (None without them) and the
+        MoE balancing loss."""
+        logits, aux_loss = self.decoder(self.embed(ids), self.decoder.project_memory(memory), memory_mask)
+        loss = None if targets is None else token_loss(logits, targets)
+        return logits, loss, aux_loss
+
+    def update_memory(self, stm, ids, attn_mask=None):
         """STM_t = MemAttn(STM_{t-1}, ED_t) for the full interaction `[BOS][Q] query [A] answer [EOS]`."""
-        ed, _ = self.encode(ids, mask, stm)
-        return self.memory_attention(stm, ed, mask)
-
-    def mlm_logits(self, ids, mask=None):
-        return self.mlm_head(self.encode(ids, mask)[1])
+        return self.memory_attention(stm, self.encode(ids, attn_mask, stm), attn_mask)
 
     @torch.no_grad()
     def interact(self, query_ids, stm, *, temperature=1.0, top_k=None, top_p=None, max_new_tokens=64, eos_id=None,
@@ -550,7 +608,7 @@ class ReactiveTransformer(nn.Module):
         """Yield answer token ids (ints) for one query `[BOS][Q] query [A]`, reading STM; stops before [EOS].
         The caller then writes the turn with update_memory (chat.py does it in a background thread)."""
         ids = torch.as_tensor(query_ids, device=self.embed.weight.device).view(1, -1)
-        memory_kv = self.decoder.memory_kv(stm)  # the STM's K/V: once per turn
+        memory_kv = self.decoder.project_memory(stm)  # the STM's K/V: once per turn
         for tok in self.decoder.stream(self.embed, ids, None, memory_kv, max_new_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                                        generator=generator):
@@ -562,10 +620,15 @@ class ReactiveTransformer(nn.Module):
     def generate(self, query_ids, query_mask, stm, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
                  eos_id=None, generator=None):
         """Batched answers for right-padded queries (B, T): tokens (B, N) and lengths (B,) counting the [EOS]."""
-        memory_kv = self.decoder.memory_kv(stm)
+        memory_kv = self.decoder.project_memory(stm)
         return collect(self.decoder.stream(self.embed, query_ids, query_mask, memory_kv, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                                            generator=generator), query_ids.size(0), eos_id, query_ids.device)
+
+    def compile(self, **kwargs):
+        """torch.compile the parts training calls, in place (state_dict keys stay clean: no _orig_mod. prefix)."""
+        for part in (self.encoder, self.decoder, self.memory_attention):
+            part.compile(**kwargs)
 
     def param_counts(self):
         """Sizes per component, counted like the model cards: the shared embedding in encoder and decoder."""
@@ -582,19 +645,8 @@ class ReactiveTransformer(nn.Module):
         }
 
 
-def collect(stream, B, eos_id, device):
-    """Run a token stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
-    tokens = torch.stack(list(stream), dim=1)  # (B, N)
-    lengths = torch.full((B,), tokens.size(1), device=device)
-    if eos_id is not None:
-        is_eos = tokens == eos_id
-        first = is_eos.float().argmax(dim=1) + 1
-        lengths = torch.where(is_eos.any(dim=1), first, lengths)
-    return tokens, lengths
-
-
 # -----------------------------------------------------------------------------
-# The stateless baseline (DESIGN 2.8)
+# The stateless baseline
 
 
 class StatelessDecoder(nn.Module):
@@ -608,12 +660,16 @@ class StatelessDecoder(nn.Module):
         self.decoder = Decoder(cfg, memory_cross_attention=False)
         init_weights(self)
 
-    def forward(self, ids):
-        return self.decoder(self.embed(ids))
+    def forward(self, ids, targets=None):
+        logits, aux_loss = self.decoder(self.embed(ids))
+        return logits, None if targets is None else token_loss(logits, targets), aux_loss
+
+    def compile(self, **kwargs):
+        self.decoder.compile(**kwargs)
 
     @torch.no_grad()
-    def generate(self, ids, mask=None, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 generator=None):
-        return collect(self.decoder.stream(self.embed, ids, mask, None, max_new_tokens=max_new_tokens,
+    def generate(self, ids, attn_mask=None, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
+                 eos_id=None, generator=None):
+        return collect(self.decoder.stream(self.embed, ids, attn_mask, None, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                                            generator=generator), ids.size(0), eos_id, ids.device)

@@ -1,7 +1,8 @@
 """
-The plumbing every training stage shares, so each stage script shows only its stage:
-configuration (config/*.py + --key=value), device / bf16 autocast / torchrun, AdamW with warmup + cosine,
-the training loop (grad clip, logs, tqdm, eval, atomic checkpoints, exact resume), and checkpoint loading.
+The plumbing every training stage shares, so that each stage script shows only its stage:
+configuration (config/*.py + --key=value), user errors as one line, device / bf16 autocast / torchrun, AdamW with
+warmup + cosine, checkpoints (self-contained, atomic, exact resume), and the training loop built from small pieces
+(start, update, evaluate, checkpoint, finish) that a stage with its own loop (MRL) uses too.
 """
 
 import ast
@@ -19,11 +20,39 @@ from tqdm import tqdm
 from model import ModelConfig, ReactiveTransformer, get_config
 
 # -----------------------------------------------------------------------------
-# Configuration: plain Python files and --key=value, like nanoGPT's configurator
+# User errors: one clear line, a non-zero exit, nothing written
 
 
-class ConfigError(Exception):
+class UserError(Exception):
+    """Something the user can fix (a flag, a file, a checkpoint): reported as one line, never as a traceback."""
+
+
+class ConfigError(UserError):
     pass
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def cli(main):
+    """Run main(argv) for a command-line entry point: a UserError ends with `error: ...` and exit 2 (bad
+    configuration) or 1 (bad files or data); Ctrl-C with a hint that the run resumes."""
+    try:
+        result = main(sys.argv[1:])
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return result
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: plain Python files and --key=value, like nanoGPT's configurator
 
 
 def configure(defaults, argv):
@@ -36,7 +65,7 @@ def configure(defaults, argv):
             raise ConfigError(f"unknown config key {key!r} ({where}); known keys: {', '.join(sorted(cfg))}")
         old = cfg[key]
         if old is not None and value is not None and type(value) is not type(old):
-            if isinstance(old, float) and isinstance(value, int):
+            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             else:
                 raise ConfigError(f"config key {key!r} ({where}) must be {type(old).__name__}, "
@@ -81,8 +110,7 @@ def setup(cfg):
     if ddp:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if cfg["device"] == "cuda":
-            local = int(os.environ["LOCAL_RANK"])
-            cfg["device"] = f"cuda:{local}"
+            cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(cfg["device"])
         dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
     device = torch.device(cfg["device"])
@@ -98,18 +126,20 @@ def setup(cfg):
     return device, ctx, rank, world
 
 
-def all_reduce_grads(params, world):
-    """Data parallelism across torchrun processes: average gradients after backward. (We do this by hand instead of
-    wrapping in DistributedDataParallel because stages call several sub-modules and freeze parts mid-run.)"""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world > 1 and grads:
-        flat = torch.cat([g.flatten() for g in grads])  # one all-reduce, not one per tensor
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+def generators(cfg, step, device, rank=0, split="train"):
+    """(CPU generator for data, generator on `device` for masks and noise), seeded by the step: resuming at step k
+    replays exactly what step k would have done. Every rank draws its own data."""
+    seed = cfg["seed"] * 7919 + {"train": 0, "val": 1_000_003}[split] + step * 131 + rank
+    g_cpu = torch.Generator().manual_seed(seed)
+    return g_cpu, device_generator(g_cpu, device, seed)
+
+
+def device_generator(g_cpu, device, seed=None):
+    """A generator for sampling on `device`: g_cpu itself on the CPU, else one seeded from it."""
+    if device.type == "cpu":
+        return g_cpu
+    seed = int(torch.randint(2**62, (1,), generator=g_cpu)) if seed is None else seed
+    return torch.Generator(device).manual_seed(seed)
 
 
 # -----------------------------------------------------------------------------
@@ -137,15 +167,11 @@ def lr_at(step, cfg):
 # Checkpoints: self-contained (model config + tokenizer), written atomically
 
 
-class CheckpointError(Exception):
-    pass
-
-
 def save_checkpoint(path, model, *, stage, step, cfg, tokenizer=None, optimizer=None, metrics=None, extra=None):
     """extra: {name: state_dict} of stage-only modules (e.g. the MRL critic)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     ckpt = {
-        "model": model.state_dict(),  # the plain module: Module.compile() in place adds no _orig_mod. prefix
+        "model": model.state_dict(),  # the plain module: compile() in place adds no _orig_mod. prefix
         "model_config": asdict(model.cfg),
         "tokenizer": None if tokenizer is None else {"ranks": tokenizer.ranks},
         "stage": stage,
@@ -166,8 +192,9 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except Exception as e:  # empty, truncated, not a torch file, ...
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}")
     missing = {"model", "model_config", "stage", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a nanoRxT checkpoint (missing {sorted(missing)})")
@@ -177,7 +204,7 @@ def load_checkpoint(path, device="cpu"):
 def model_from_checkpoint(ckpt, path="checkpoint", device="cpu"):
     try:
         mcfg = ModelConfig(**ckpt["model_config"])
-    except (TypeError, AssertionError) as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model config: {e}")
     model = ReactiveTransformer(mcfg)
     load_weights(model, ckpt["model"], path)
@@ -192,15 +219,22 @@ def load_weights(model, state, path="checkpoint"):
         raise CheckpointError(f"{path} does not fit this model: {lines[1] if len(lines) > 1 else lines[0]}"[:300])
 
 
-def tokenizer_from_checkpoint(ckpt):
+def tokenizer_from_checkpoint(ckpt, path="checkpoint"):
     from data.tokenizer import Tokenizer
     if not ckpt.get("tokenizer"):
-        raise CheckpointError("checkpoint carries no tokenizer")
+        raise CheckpointError(f"{path} carries no tokenizer")
     return Tokenizer(ckpt["tokenizer"]["ranks"])
 
 
+def load_for_inference(path, device="cpu"):
+    """(model in eval mode, tokenizer, checkpoint) of a trained checkpoint: what chat, evaluation and bench need."""
+    ckpt = load_checkpoint(path, device)
+    model = model_from_checkpoint(ckpt, path, device).eval()
+    return model, tokenizer_from_checkpoint(ckpt, path), ckpt
+
+
 # -----------------------------------------------------------------------------
-# The loop
+# The loop, in pieces
 
 
 TRAIN_DEFAULTS = dict(
@@ -226,136 +260,149 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-def generators(cfg, step, device, rank=0, split="train"):
-    """(CPU generator for data, generator on `device` for masks and noise), seeded by the step: resuming at step k
-    replays exactly what step k would have done."""
-    seed = cfg["seed"] * 7919 + {"train": 0, "val": 1_000_003}[split] + step * 131 + rank
-    g_cpu = torch.Generator().manual_seed(seed)
-    return g_cpu, (g_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed))
-
-
 def init_model(cfg, tokenizer, device):
     """A fresh model of cfg's preset (vocab from the tokenizer), or the previous stage's weights from init_from."""
     if cfg["init_from"]:
-        ckpt = load_checkpoint(cfg["init_from"], device)
-        model = model_from_checkpoint(ckpt, cfg["init_from"], device)
+        model = model_from_checkpoint(load_checkpoint(cfg["init_from"], device), cfg["init_from"], device)
         if model.cfg.vocab_size != tokenizer.vocab_size:
             raise CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer {tokenizer.vocab_size}")
         return model
-    return ReactiveTransformer(get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])).to(device)
+    try:
+        mcfg = get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e))
+    return ReactiveTransformer(mcfg).to(device)
 
 
-def evaluate(model, cfg, loss_fn, get_batch, ctx, device):
-    """Mean of each metric over eval_iters fixed validation batches."""
-    model.eval()
-    totals = {}
-    with torch.no_grad(), ctx:
-        for i in range(cfg["eval_iters"]):
-            g_cpu, g = generators(cfg, i, device, split="val")
-            _, metrics = loss_fn(model, get_batch("val", g_cpu), g)
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / cfg["eval_iters"]
-    if "ar_loss" in totals:
-        totals["ppl"] = math.exp(min(totals["ar_loss"], 50.0))
-    model.train()
-    return totals
-
-
-def train(cfg, model, *, stage, loss_fn, get_batch, device, ctx, rank=0, world=1, tokenizer=None, params=None,
-          on_step=None, extra_modules=None):
-    """Train `model` with loss_fn(model, batch, generator) -> (loss, metrics) on get_batch(split, generator).
-    get_batch gets a CPU generator, loss_fn one on the device. Resumes from out_dir/ckpt.pt when it holds this
-    stage; returns the final eval metrics."""
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    params = list(model.parameters()) if params is None else list(params)
-    extra_modules = extra_modules or {}
+def start(cfg, model, params, *, stage, device, rank=0, extra_modules=None):
+    """The optimizer and the step to start at: 0, or where out_dir/ckpt.pt of this stage left off (weights, the
+    optimizer and extra modules restored). Returns (optimizer, step, metrics)."""
     optimizer = make_optimizer(params, cfg, device)
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
     step, metrics = 0, {}
-    if cfg["resume"] and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, device)
+    if cfg["resume"] and os.path.isfile(path):
+        ckpt = load_checkpoint(path, device)
         if ckpt["stage"] == stage:
-            load_weights(model, ckpt["model"], ckpt_path)
-            for name, module in extra_modules.items():
+            load_weights(model, ckpt["model"], path)
+            for name, module in (extra_modules or {}).items():
                 module.load_state_dict(ckpt["extra"][name])
             if ckpt.get("optimizer"):
                 optimizer.load_state_dict(ckpt["optimizer"])
             step, metrics = ckpt["step"], ckpt["metrics"]
             if rank == 0:
-                print(f"resuming {stage} from {ckpt_path} at step {step}")
-            if step >= cfg["max_iters"]:
-                if rank == 0:
-                    print(f"[{stage}] already finished ({step} steps): nothing to do")
-                return metrics
-    if cfg["compile"] and device.type == "cuda":
-        for m in (model.encoder, model.decoder, model.memory_attention):
-            m.compile()  # in place: state_dict keys stay clean
+                print(f"resuming {stage} from {path} at step {step}")
+    if cfg["compile"]:
+        model.compile()
     model.train()
-    master = rank == 0
+    return optimizer, step, metrics
 
-    def checkpoint(at_step):
-        if master:
-            save_checkpoint(ckpt_path, model, stage=stage, step=at_step, cfg=cfg, tokenizer=tokenizer,
-                            optimizer=optimizer, metrics=metrics,
-                            extra={name: m.state_dict() for name, m in extra_modules.items()})
 
-    t0, tokens_seen = time.time(), 0
-    bar = tqdm(range(step, cfg["max_iters"]), desc=stage, disable=not master, dynamic_ncols=True, initial=step,
+def update(params, optimizer, loss, step, cfg, world=1):
+    """One optimizer step at the scheduled learning rate: backward, average gradients across ranks, clip, AdamW.
+    Returns (lr, gradient norm)."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    if world > 1 and grads:  # data parallelism by hand (one flat all-reduce): stages freeze parts mid-run
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg["grad_clip"])
+    optimizer.step()
+    return lr, grad_norm
+
+
+def evaluate(model, cfg, get_batch, loss_fn, ctx, device, step):
+    """Mean of each metric over eval_iters fixed validation batches (those of the curriculum at `step`)."""
+    model.eval()
+    totals = {}
+    with torch.no_grad(), ctx:
+        for i in range(cfg["eval_iters"]):
+            g_cpu, g = generators(cfg, i, device, split="val")
+            _, metrics = loss_fn(model, get_batch("val", step, g_cpu), step, g)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / cfg["eval_iters"]
+    model.train()
+    return totals
+
+
+def checkpoint(cfg, model, optimizer, *, stage, step, metrics, tokenizer=None, rank=0, extra_modules=None):
+    if rank == 0:
+        save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), model, stage=stage, step=step, cfg=cfg,
+                        tokenizer=tokenizer, optimizer=optimizer, metrics=metrics,
+                        extra={name: m.state_dict() for name, m in (extra_modules or {}).items()})
+
+
+def show(metrics):
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
+
+
+def check_ranks_agree(params, stage, world, rank):
+    """Data parallelism is only correct if every rank ends with the same weights: compare checksums."""
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(sums, checksum)
+    if not all(torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"[{stage}] ranks disagree on the weights: {[s.item() for s in sums]}")
+    if rank == 0:
+        print(f"[{stage}] all {world} ranks agree on the weights (checksum {sums[0].item():.6f})")
+
+
+def train(cfg, model, *, stage, get_batch, loss_fn, params, device, ctx, rank=0, world=1, tokenizer=None,
+          extra_modules=None, batch_reuse=1):
+    """Train with batch = get_batch(split, step, cpu_generator) and (loss, metrics) = loss_fn(model, batch, step,
+    generator); eval every eval_interval steps and at the end; checkpoint after each eval; resume from out_dir.
+    batch_reuse > 1 takes that many optimizer steps on each batch (PPO's epochs: IMPO's batch is a rollout).
+    Returns the final metrics (with tokens_per_s and seconds)."""
+    params = list(params)
+    optimizer, step, metrics = start(cfg, model, params, stage=stage, device=device, rank=rank,
+                                     extra_modules=extra_modules)
+    if step >= cfg["max_iters"]:
+        if rank == 0:
+            print(f"[{stage}] already finished ({step} steps): nothing to do")
+        return metrics
+    t0, tokens, batch = time.time(), 0, None
+    bar = tqdm(range(step, cfg["max_iters"]), desc=stage, disable=rank != 0, dynamic_ncols=True, initial=step,
                total=cfg["max_iters"])
     for step in bar:
-        if on_step is not None:
-            on_step(step)  # e.g. a freeze / unfreeze schedule
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         g_cpu, g = generators(cfg, step, device, rank)
-        batch = get_batch("train", g_cpu)
+        if batch is None or step % batch_reuse == 0:
+            batch = get_batch("train", step, g_cpu)
         with ctx:
-            loss, m = loss_fn(model, batch, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(params, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg["grad_clip"])
-        optimizer.step()
-        tokens_seen += int(m.get("tokens", 0))
+            loss, m = loss_fn(model, batch, step, g)
+        lr, grad_norm = update(params, optimizer, loss, step, cfg, world)
+        tokens += int(m.get("tokens", 0))
         if step % cfg["log_interval"] == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm.item():.2f}")
-        last = step == cfg["max_iters"] - 1
-        if (step + 1) % cfg["eval_interval"] == 0 or last:
-            metrics = evaluate(model, cfg, loss_fn, get_batch, ctx, device)
-            metrics["train_loss"] = loss.item()
-            if master:
-                shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
-                tqdm.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {shown}")
-            if not last:  # the final checkpoint follows the loop, with the run's timing in its metrics
-                checkpoint(step + 1)
-    elapsed = time.time() - t0
-    if world > 1:  # data parallelism is only correct if every rank ends with the same weights
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-        sums = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(sums, checksum)
-        if not all(torch.equal(s, sums[0]) for s in sums):
-            raise RuntimeError(f"[{stage}] ranks disagree on the weights: {[s.item() for s in sums]}")
-        if master:
-            print(f"[{stage}] all {world} ranks agree on the weights (checksum {sums[0].item():.6f})")
-    if master and tokens_seen:
-        metrics["tokens_per_s"] = tokens_seen * world / max(elapsed, 1e-9)
-    if master:
-        metrics["seconds"] = elapsed
-        checkpoint(cfg["max_iters"])
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens")
-        print(f"[{stage}] done: {cfg['max_iters']} steps in {elapsed:.1f}s  {shown}  -> {ckpt_path}")
+        if (step + 1) % cfg["eval_interval"] == 0 or step + 1 == cfg["max_iters"]:
+            metrics = dict(evaluate(model, cfg, get_batch, loss_fn, ctx, device, step), train_loss=loss.item())
+            if rank == 0:
+                tqdm.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {show(metrics)}")
+            if step + 1 < cfg["max_iters"]:  # the final checkpoint follows, with the run's timing in its metrics
+                checkpoint(cfg, model, optimizer, stage=stage, step=step + 1, metrics=metrics, tokenizer=tokenizer,
+                           rank=rank, extra_modules=extra_modules)
+    return finish(cfg, model, optimizer, params, stage=stage, metrics=metrics, seconds=time.time() - t0,
+                  tokens=tokens, tokenizer=tokenizer, rank=rank, world=world, extra_modules=extra_modules)
+
+
+def finish(cfg, model, optimizer, params, *, stage, metrics, seconds, tokens=0, tokenizer=None, rank=0, world=1,
+           extra_modules=None):
+    """The last checkpoint, with throughput and wall time in its metrics, and a summary line."""
+    if world > 1:
+        check_ranks_agree(params, stage, world, rank)
+    if tokens:
+        metrics["tokens_per_s"] = tokens * world / max(seconds, 1e-9)
+    metrics["seconds"] = seconds
+    checkpoint(cfg, model, optimizer, stage=stage, step=cfg["max_iters"], metrics=metrics, tokenizer=tokenizer,
+               rank=rank, extra_modules=extra_modules)
+    if rank == 0:
+        print(f"[{stage}] done: {cfg['max_iters']} steps in {seconds:.1f}s  {show(metrics)}  -> "
+              f"{os.path.join(cfg['out_dir'], 'ckpt.pt')}")
     return metrics
-
-
-def cli(main):
-    """Run a stage's main(argv): bad configs, checkpoints or data end with one clear line and a non-zero exit."""
-    try:
-        main(sys.argv[1:])
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)

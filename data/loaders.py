@@ -1,17 +1,23 @@
 """
-Batches for training: random windows of a uint16 .bin (pre-training), padded interactions with an answer-only loss
-mask (SFT), padded queries (generation), and batches of memory episodes.
-"""
+Batches, and the one place that formats what the model reads:
 
-import random
+    prompt       [BOS] [Q] query [A]                     what the decoder answers (render_query)
+    interaction  [BOS] [Q] query [A] answer [EOS]        one turn: SFT, memory writes (render_interaction)
+
+Rows are right-padded with [PAD] into ids (B, T) with attn_mask (B, T) (True on real tokens). Loss targets are
+aligned with the logits - targets[:, t] is what logits[:, t] should predict, i.e. ids[:, t + 1] - and hold -100
+(ignored) wherever nothing counts: padding, and for interactions everything before the answer.
+"""
 
 import numpy as np
 import torch
 
+IGNORE = -100  # a target that does not count (F.cross_entropy's ignore_index)
+
 
 def get_lm_batch(bin_path, batch_size, seq_len, device="cpu", generator=None):
     """
-    Random windows of a uint16 token file: x (B, T) and y = x shifted by one (B, T), int64 on device.
+    Random windows (B, T) of a uint16 token file, int64 on device.
     The memmap is re-opened on every call: one long-lived memmap keeps growing in RAM (nanoGPT's fix).
     """
     data = np.memmap(bin_path, dtype=np.uint16, mode="r")
@@ -19,59 +25,85 @@ def get_lm_batch(bin_path, batch_size, seq_len, device="cpu", generator=None):
         raise ValueError(f"{bin_path} holds {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([data[i:i + seq_len] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len] for i in ix]).astype(np.int64))
     if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
-def fit_interaction(tokenizer, query, answer, max_len):
+def next_token_targets(ids, counts):
+    """targets[:, t] = ids[:, t + 1] where counts[:, t + 1], else IGNORE; the last position predicts nothing."""
+    targets = torch.full_like(ids, IGNORE)
+    targets[:, :-1] = ids[:, 1:].masked_fill(~counts[:, 1:], IGNORE)
+    return targets
+
+
+def mlm_inputs(ids, attn_mask, mask_id, prob, generator=None):
+    """Masked-LM inputs: each real (non-pad) token becomes [MASK] with probability prob. Returns the masked ids and
+    the targets (the original token where masked, IGNORE elsewhere)."""
+    chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < prob) & attn_mask
+    chosen[:, 0] |= ~chosen.any(dim=1) & attn_mask[:, 0]  # never a row with nothing to predict
+    return ids.masked_fill(chosen, mask_id), ids.masked_fill(~chosen, IGNORE)
+
+
+def render_query(tok, query, max_len):
+    """[BOS] [Q] query [A], at most max_len tokens: a long query loses its front (the question usually ends it)."""
+    q = tok.encode(query)
+    return [tok.bos_id, tok.q_id] + q[max(0, len(q) + 3 - max_len):] + [tok.a_id]
+
+
+def render_interaction(tok, query, answer, max_len):
     """
-    [BOS][Q] query [A] answer [EOS], cut to at most max_len tokens. Returns (ids, index of [A]).
-    Too long: drop query tokens from the front (the question usually ends the query) until it fits. If even
-    [BOS][Q][A] answer [EOS] does not fit, cut the end of the answer and drop [EOS]: a cut answer must not teach
-    the model to stop mid-sentence.
+    [BOS] [Q] query [A] answer [EOS], at most max_len tokens. Returns (ids, index of the first answer token).
+    Too long: the query loses its front first. If even [BOS][Q][A] answer [EOS] does not fit, the end of the answer
+    is cut and [EOS] dropped: a cut answer must not teach the model to stop mid-sentence.
     """
-    q, a = tokenizer.encode(query), tokenizer.encode(answer) + [tokenizer.eos_id]
-    q = q[max(0, len(q) + len(a) + 3 - max_len):]
-    ids = [tokenizer.bos_id, tokenizer.q_id] + q + [tokenizer.a_id] + a
-    return ids[:max_len], len(q) + 2
+    a = tok.encode(answer) + [tok.eos_id]
+    prompt = render_query(tok, query, max(3, max_len - len(a)))
+    return (prompt + a)[:max_len], len(prompt)
 
 
-def collate_interactions(tokenizer, records, max_len):
-    """
-    Right-padded batch of {query, answer} records as [BOS][Q] query [A] answer [EOS] (see fit_interaction for
-    truncation). Returns ids (B, T) int64, attn_mask (B, T) bool (True on real tokens) and loss_mask (B, T) bool,
-    with T the longest row. loss_mask follows next-token prediction, where logits[:, t] predict ids[:, t+1]:
-    loss_mask[:, t] is True iff ids[:, t+1] is an answer token (after [A], up to and including [EOS]). So the [A]
-    position itself is True, the last real token is False and padding is never in the loss.
-    """
-    rows = [fit_interaction(tokenizer, r["query"], r["answer"], max_len) for r in records]
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
-    attn_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, (row, a_pos) in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        attn_mask[b, :len(row)] = True
-        loss_mask[b, a_pos:len(row) - 1] = True  # targets a_pos+1 .. len-1: the answer tokens
-    return ids, attn_mask, loss_mask
-
-
-def collate_queries(tokenizer, queries, max_len):
-    """Right-padded batch of [BOS][Q] query [A] prompts (query cut from the front to fit max_len): ids, attn_mask."""
-    rows = []
-    for query in queries:
-        q = tokenizer.encode(query)
-        q = q[max(0, len(q) + 3 - max_len):]
-        rows.append([tokenizer.bos_id, tokenizer.q_id] + q + [tokenizer.a_id])
+def pad_rows(rows, pad_id):
+    """Right-pad lists of ids into ids (B, T) int64 and attn_mask (B, T) bool, T = the longest row."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attn_mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
         attn_mask[b, :len(row)] = True
     return ids, attn_mask
+
+
+def collate_interactions(tok, records, max_len):
+    """{query, answer} records -> ids, attn_mask, targets (B, T); the targets are the answer tokens and [EOS]."""
+    rows = [render_interaction(tok, r["query"], r["answer"], max_len) for r in records]
+    ids, attn_mask = pad_rows([row for row, _ in rows], tok.pad_id)
+    answer = torch.zeros_like(attn_mask)
+    for b, (row, start) in enumerate(rows):
+        answer[b, start:len(row)] = True
+    return ids, attn_mask, next_token_targets(ids, answer)
+
+
+def collate_queries(tok, queries, seq_len, max_answer):
+    """Prompts for answers of up to max_answer tokens: prompt + answer + [EOS] must fit in one interaction of
+    seq_len tokens (the one query budget of chat, evaluation and MRL rollouts). -> ids, attn_mask (B, T)."""
+    return pad_rows([render_query(tok, q, seq_len - max_answer - 1) for q in queries], tok.pad_id)
+
+
+def join_answers(q_ids, q_mask, ans, ans_len, tok):
+    """Right-padded interactions `query answer` (B, T), their mask, and the mask of sampled answer positions
+    (ans_mask[:, t] True iff ids[:, t+1] was sampled). An answer cut by max_answer gets an [EOS] (not sampled)."""
+    rows, spans = [], []
+    for b in range(q_ids.size(0)):
+        q = q_ids[b, :int(q_mask[b].sum())].tolist()
+        a = ans[b, :int(ans_len[b])].tolist()
+        rows.append(q + a + ([] if a and a[-1] == tok.eos_id else [tok.eos_id]))
+        spans.append((len(q), len(q) + len(a)))
+    ids, attn_mask = pad_rows(rows, tok.pad_id)
+    ans_mask = torch.zeros_like(attn_mask)
+    for b, (start, end) in enumerate(spans):
+        ans_mask[b, start - 1:end - 1] = True
+    d = q_ids.device
+    return ids.to(d), attn_mask.to(d), ans_mask.to(d)
 
 
 def episode_turns(episode):
@@ -79,21 +111,16 @@ def episode_turns(episode):
     return [{"query": episode["query"], "answer": episode["answer"]}] + list(episode["interactions"])
 
 
-def episode_batches(episodes, batch_size, shuffle=True, seed=0):
-    """
-    Yield lists of up to batch_size episodes, all of one distance (so every episode in a batch has the same number
-    of turns). With shuffle, the episodes and the order of the batches are shuffled by random.Random(seed).
-    """
-    rng = random.Random(seed)
-    by_distance = {}
-    for ep in episodes:
-        by_distance.setdefault(len(ep["interactions"]), []).append(ep)
-    batches = []
-    for d in sorted(by_distance):
-        pool = list(by_distance[d])
-        if shuffle:
-            rng.shuffle(pool)
-        batches += [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    yield from batches
+def episode_tensors(tok, episodes, max_len, device, pad_to=None):
+    """Per turn of a batch of equally long episodes: (ids, attn_mask, targets), each (B, T) on device.
+    pad_to: pad every turn to at least this many tokens."""
+    turns, out = [episode_turns(ep) for ep in episodes], []
+    for t in range(len(turns[0])):
+        ids, attn_mask, targets = collate_interactions(tok, [tr[t] for tr in turns], max_len)
+        if pad_to is not None and ids.size(1) < pad_to:
+            extra = pad_to - ids.size(1)
+            ids = torch.nn.functional.pad(ids, (0, extra), value=tok.pad_id)
+            attn_mask = torch.nn.functional.pad(attn_mask, (0, extra))
+            targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE)
+        out.append((ids.to(device), attn_mask.to(device), targets.to(device)))
+    return out

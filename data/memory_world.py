@@ -174,6 +174,34 @@ def question_turn(rng, names=NAMES, split="train"):
     return {"query": query, "answer": v}
 
 
+def binding_question(rng, split="train"):
+    """Two people with the same slot and different values in one message, then a question about one of them:
+    answerable from the message alone, if the model binds each value to its person."""
+    while True:
+        p, q = rng.sample(NAMES, 2)
+        slot = rng.choice(list(SLOTS))
+        x = rng.choice(SLOTS[slot]["things"])
+        vp = random_value(rng, p, slot, avoid=(q,))
+        vq = random_value(rng, q, slot, avoid=(vp, p))
+        if is_test(p, slot, vp) == (split == "test"):
+            break
+    facts = [fact_text(p, slot, x, vp), fact_text(q, slot, x, vq)]
+    rng.shuffle(facts)
+    return {"query": " ".join(facts) + " " + probe_text(p, slot, x), "answer": vp, "name": p, "slot": slot,
+            "thing": x}
+
+
+def make_incontext(n, seed, split="test"):
+    """n binding questions as zero-distance episodes (no earlier turns; the probe is the whole conversation):
+    the decoder's own ceiling, with nothing to remember."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = binding_question(rng, split)
+        out.append(dict(r, interactions=[], gold=r["answer"], distance=0, kind="in-context", binding=True))
+    return out
+
+
 def chat_turn(rng):
     query, answer = rng.choice(CHAT)
     return {"query": query, "answer": answer}
@@ -225,6 +253,7 @@ def make_episode(rng, d, kind, split):
         if not eligible:
             return None
         slot, x, gold = rng.choice(eligible)
+        binding = False
     else:
         # probe every slot equally often (colour has 12 things, food one)
         slot = rng.choice(list(SLOTS))
@@ -237,6 +266,7 @@ def make_episode(rng, d, kind, split):
         second = (p, slot2, x2, random_value(rng, p, slot2)) if rng.random() < 0.5 else \
             (q, slot, x, random_value(rng, q, slot, people=others))
         first.insert(rng.randint(0, 1), fact_text(*second))
+        binding = second[0] != p and second[3] != value  # two people, one slot, two values: whose was it?
         gold, seen = value, [value]
         changes = []
         if kind == "overwrite":
@@ -258,7 +288,7 @@ def make_episode(rng, d, kind, split):
         return None
     return {"query": turns[0]["query"], "answer": turns[0]["answer"],
             "interactions": turns[1:] + [{"query": probe_text(p, slot, x), "answer": gold}],
-            "gold": gold, "distance": d, "kind": kind, "name": p, "slot": slot, "thing": x}
+            "gold": gold, "distance": d, "kind": kind, "name": p, "slot": slot, "thing": x, "binding": binding}
 
 
 def make_episodes(n, seed, distances=(1, 2, 4, 8, 16), kinds=("long-range", "cumulative", "overwrite"),
@@ -328,7 +358,8 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
         os.replace(tmp, path("stories.txt"))
     jobs = [("interactions.jsonl", lambda: make_interactions(n_interactions, seed + 1)),
             ("episodes_train.jsonl", lambda: make_episodes(n_episodes, seed + 2, split="train")),
-            ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test"))]
+            ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test")),
+            ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test"))]
     for name, make in jobs:
         if not os.path.exists(path(name)):
             write_jsonl(make(), path(name))

@@ -206,14 +206,6 @@ class Tokenizer:
         complete characters, e.g. with codecs.getincrementaldecoder("utf-8")(errors="replace")."""
         return self.enc.decode_bytes(self._valid(ids))
 
-    def encode_query(self, query):
-        """[BOS] [Q] query [A] -- the decoder's prompt; the answer follows."""
-        return [self.bos_id, self.q_id] + self.encode(query) + [self.a_id]
-
-    def encode_interaction(self, query, answer):
-        """[BOS] [Q] query [A] answer [EOS] -- one full interaction."""
-        return self.encode_query(query) + self.encode(answer) + [self.eos_id]
-
 
 def read_texts(paths, max_bytes=None):
     """Yield the text of the files in chunks of about 1 MB, stopping after max_bytes characters in all."""

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loaders import collate_interactions, collate_queries, episode_batches, episode_turns, get_lm_batch
+from data.loaders import (IGNORE, collate_interactions, collate_queries, episode_tensors, episode_turns, get_lm_batch,
+                          join_answers, mlm_inputs)
 from data.memory_world import make_episodes, make_interactions
 from data.tokenizer import Tokenizer, train_bpe
 
@@ -17,77 +18,93 @@ def tok():
     return Tokenizer(train_bpe(texts, 400, verbose=False))
 
 
-def answer_targets(tok, ids, attn_mask):
-    """Positions t whose next token ids[t + 1] lies after [A]: the reference for loss_mask."""
-    want = torch.zeros_like(attn_mask)
-    for b in range(ids.shape[0]):
-        row = ids[b][attn_mask[b]].tolist()
-        a = row.index(tok.a_id)
-        want[b, a:len(row) - 1] = True
-    return want
+def interaction(tok, query, answer):
+    """The layout written out by hand: [BOS] [Q] query [A] answer [EOS]."""
+    return [tok.bos_id, tok.q_id] + tok.encode(query) + [tok.a_id] + tok.encode(answer) + [tok.eos_id]
 
 
-def test_interaction_batch_layout_and_answer_only_loss(tok):
-    ids, attn_mask, loss_mask = collate_interactions(tok, RECORDS, max_len=64)
-    rows = [tok.encode_interaction(r["query"], r["answer"]) for r in RECORDS]
-    assert ids.shape == attn_mask.shape == loss_mask.shape == (3, max(map(len, rows)))
-    assert ids.dtype == torch.long and attn_mask.dtype == loss_mask.dtype == torch.bool
+def test_interaction_batch_layout_and_answer_only_targets(tok):
+    ids, attn_mask, targets = collate_interactions(tok, RECORDS, max_len=64)
+    rows = [interaction(tok, r["query"], r["answer"]) for r in RECORDS]
+    assert ids.shape == attn_mask.shape == targets.shape == (3, max(map(len, rows)))
+    assert ids.dtype == targets.dtype == torch.long and attn_mask.dtype == torch.bool
     for b, row in enumerate(rows):
         assert ids[b, :len(row)].tolist() == row  # right-padded
         assert (ids[b, len(row):] == tok.pad_id).all() and attn_mask[b].sum() == len(row)
-        # the targets of the loss are exactly the answer tokens and [EOS]
-        targets = ids[b, 1:][loss_mask[b, :-1]].tolist()
-        assert targets == tok.encode(RECORDS[b]["answer"]) + [tok.eos_id]
-    assert not loss_mask[:, -1].any()
-    assert not (loss_mask & ~attn_mask).any()  # pads never in the loss
-    assert torch.equal(loss_mask, answer_targets(tok, ids, attn_mask))
+        # the targets are exactly the answer tokens and [EOS], each at the position that predicts it
+        counted = targets[b] != IGNORE
+        assert targets[b][counted].tolist() == tok.encode(RECORDS[b]["answer"]) + [tok.eos_id]
+        assert torch.equal(targets[b, :-1][counted[:-1]], ids[b, 1:][counted[:-1]])
+        assert counted.nonzero()[0].item() == row.index(tok.a_id)  # [A] predicts the first answer token
+    assert (targets[:, -1] == IGNORE).all() and (targets[~attn_mask] == IGNORE).all()  # pads never count
 
 
 def test_long_interactions_lose_the_front_of_the_query_first(tok):
     record = {"query": "Tom is at the park. " * 20 + "Where is Tom?", "answer": "park"}
-    ids, attn_mask, loss_mask = collate_interactions(tok, [record], max_len=24)
+    ids, attn_mask, targets = collate_interactions(tok, [record], max_len=24)
     row = ids[0].tolist()
     assert len(row) == 24 and row[:2] == [tok.bos_id, tok.q_id] and row[-1] == tok.eos_id
     assert tok.decode(row).endswith("Where is Tom?[A]park[EOS]")
-    assert ids[0, 1:][loss_mask[0, :-1]].tolist() == tok.encode("park") + [tok.eos_id]
+    assert targets[0][targets[0] != IGNORE].tolist() == tok.encode("park") + [tok.eos_id]
 
 
 def test_an_answer_too_long_to_fit_is_cut_without_eos(tok):
     record = {"query": "Tell me a story.", "answer": "Tom had a cat. " * 30}
-    ids, attn_mask, loss_mask = collate_interactions(tok, [record], max_len=20)
+    ids, attn_mask, targets = collate_interactions(tok, [record], max_len=20)
     row = ids[0].tolist()
     assert len(row) == 20 and tok.eos_id not in row and tok.a_id in row
-    assert loss_mask[0].sum() == 20 - 1 - row.index(tok.a_id)
+    assert (targets[0] != IGNORE).sum() == 20 - 1 - row.index(tok.a_id)
 
 
-def test_query_batch_is_right_padded_prompts(tok):
+def test_query_batch_is_right_padded_prompts_that_leave_room_for_the_answer(tok):
     queries = ["Where is Mia?", "Mia has a red ball. What colour is Mia's ball?"]
-    ids, attn_mask = collate_queries(tok, queries, max_len=64)
+    ids, attn_mask = collate_queries(tok, queries, seq_len=64, max_answer=16)
     for b, q in enumerate(queries):
-        row = tok.encode_query(q)
+        row = [tok.bos_id, tok.q_id] + tok.encode(q) + [tok.a_id]
         assert ids[b, :len(row)].tolist() == row and attn_mask[b].sum() == len(row)
         assert (ids[b, len(row):] == tok.pad_id).all()
-    ids, _ = collate_queries(tok, ["Tom is at the park. " * 20 + "Where is Tom?"], max_len=12)
-    assert ids.shape == (1, 12) and tok.decode(ids[0].tolist()).endswith("Where is Tom?[A]")
+    ids, _ = collate_queries(tok, ["Tom is at the park. " * 20 + "Where is Tom?"], seq_len=20, max_answer=7)
+    assert ids.shape == (1, 12)  # prompt + 7 answer tokens + [EOS] = 20
+    assert tok.decode(ids[0].tolist()).endswith("Where is Tom?[A]")
 
 
-def test_lm_batch_windows_are_shifted_by_one(tmp_path):
+def test_lm_batch_windows_are_contiguous_and_reproducible(tmp_path):
     path = str(tmp_path / "x.bin")
     np.arange(1000, dtype=np.uint16).tofile(path)
-    g = torch.Generator().manual_seed(0)
-    x, y = get_lm_batch(path, batch_size=8, seq_len=32, generator=g)
-    assert x.shape == y.shape == (8, 32) and x.dtype == torch.int64
-    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)
-    x2, _ = get_lm_batch(path, 8, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)  # the generator makes batches reproducible
+    x = get_lm_batch(path, batch_size=8, seq_len=32, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (8, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)
+    assert torch.equal(x, get_lm_batch(path, 8, 32, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="fewer than"):
         get_lm_batch(path, 2, 1000)
 
 
-def test_episode_batches_hold_one_distance_and_cover_every_episode():
-    episodes = make_episodes(150, seed=0)
-    batches = list(episode_batches(episodes, batch_size=8, shuffle=True, seed=1))
-    assert all(len({len(episode_turns(ep)) for ep in batch}) == 1 for batch in batches)
-    assert sorted(id(ep) for batch in batches for ep in batch) == sorted(id(ep) for ep in episodes)
-    assert [len(b) for b in batches] == [len(b) for b in episode_batches(episodes, 8, True, 1)]
-    assert all(len(b) <= 8 for b in batches)
+def test_mlm_inputs_mask_only_real_tokens_and_keep_the_originals_as_targets():
+    ids = torch.randint(10, 100, (64, 40))
+    attn_mask = torch.ones_like(ids, dtype=torch.bool)
+    attn_mask[:, 30:] = False
+    masked, targets = mlm_inputs(ids, attn_mask, mask_id=5, prob=0.15, generator=torch.Generator().manual_seed(0))
+    chosen = masked == 5
+    assert torch.equal(chosen, targets != IGNORE) and not chosen[:, 30:].any()
+    assert torch.equal(targets[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+    assert 0.1 < chosen[:, :30].float().mean() < 0.2 and chosen.any(dim=1).all()
+
+
+def test_episode_tensors_give_one_batch_per_turn(tok):
+    episodes = [ep for ep in make_episodes(60, seed=0) if ep["distance"] == 2][:5]
+    turns = episode_tensors(tok, episodes, 64, "cpu")
+    assert len(turns) == len(episode_turns(episodes[0])) == 3
+    for t, (ids, attn_mask, targets) in enumerate(turns):
+        want = collate_interactions(tok, [episode_turns(ep)[t] for ep in episodes], 64)
+        assert all(torch.equal(a, b) for a, b in zip((ids, attn_mask, targets), want))
+
+
+def test_join_answers_marks_exactly_the_sampled_tokens(tok):
+    q_ids, q_mask = collate_queries(tok, ["Hi!", "Where is Mia?"], seq_len=64, max_answer=8)
+    a0, a1 = tok.encode("Hello there") + [tok.eos_id], tok.encode("park park park")  # the second was cut: no [EOS]
+    n = max(len(a0), len(a1))
+    ans = torch.tensor([a0 + [0] * (n - len(a0)), a1 + [0] * (n - len(a1))])  # whatever follows a length is unused
+    ids, attn_mask, ans_mask = join_answers(q_ids, q_mask, ans, torch.tensor([len(a0), len(a1)]), tok)
+    for b, a in enumerate([a0, a1]):
+        row = ids[b][attn_mask[b]].tolist()
+        assert row[-1] == tok.eos_id and ids[b, 1:][ans_mask[b, :-1]].tolist() == a

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import tiktoken
 
+from data.loaders import render_interaction, render_query
 from data.tokenizer import (PAT_STR, SPECIAL_TOKENS, Tokenizer, load_ranks, merge_word, save_ranks, train_bpe)
 
 VARIED = [
@@ -133,15 +134,16 @@ def test_user_text_never_becomes_a_special_token(tok):
     ids = tok.encode(text)
     assert all(i < len(tok.ranks) for i in ids)
     assert tok.decode(ids) == text
-    ids = tok.encode_interaction("[Q] hi", "[EOS] bye")
+    ids, _ = render_interaction(tok, "[Q] hi", "[EOS] bye", 64)
     assert ids.count(tok.q_id) == 1 and ids.count(tok.a_id) == 1 and ids.count(tok.eos_id) == 1
     assert ids[:2] == [tok.bos_id, tok.q_id] and ids[-1] == tok.eos_id
 
 
 def test_query_and_interaction_templates(tok):
     q, a = tok.encode("Where is Mia?"), tok.encode("park")
-    assert tok.encode_query("Where is Mia?") == [tok.bos_id, tok.q_id] + q + [tok.a_id]
-    assert tok.encode_interaction("Where is Mia?", "park") == [tok.bos_id, tok.q_id] + q + [tok.a_id] + a + [tok.eos_id]
+    assert render_query(tok, "Where is Mia?", 64) == [tok.bos_id, tok.q_id] + q + [tok.a_id]
+    ids, start = render_interaction(tok, "Where is Mia?", "park", 64)
+    assert ids == [tok.bos_id, tok.q_id] + q + [tok.a_id] + a + [tok.eos_id] and ids[start:] == a + [tok.eos_id]
 
 
 def test_save_load_round_trip_gives_identical_encodings(tok, tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from data.loaders import episode_turns
-from data.memory_world import (NAMES, SLOTS, articles, build_world, is_test, make_episodes, make_interactions,
-                               make_stories, read_jsonl, write_jsonl)
+from data.memory_world import (NAMES, SLOTS, articles, build_world, is_test, make_episodes, make_incontext,
+                               make_interactions, make_stories, probe_text, read_jsonl, write_jsonl)
 from data.tokenizer import Tokenizer
 
 DISTANCES = (1, 2, 4, 8, 16)
@@ -124,7 +124,7 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "world")
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
     names = ["stories.txt", "interactions.jsonl", "episodes_train.jsonl", "episodes_test.jsonl",
-             "tokenizer.tiktoken", "train.bin", "val.bin"]
+             "incontext_test.jsonl", "tokenizer.tiktoken", "train.bin", "val.bin"]
     assert sorted(os.listdir(out)) == sorted(names)
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
     assert tok.vocab_size == 400
@@ -137,3 +137,24 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
     assert {n: os.path.getmtime(os.path.join(out, n)) for n in names} == mtimes
     assert "skipping" in capsys.readouterr().out
+
+
+def test_binding_questions_give_one_slot_to_two_people_and_ask_for_one():
+    for r in make_incontext(200, seed=3, split="test"):
+        facts = [f for f in re.split(r"(?<=\.) ", r["query"]) if not f.endswith("?")]
+        assert len(facts) == 2 and r["query"].endswith(probe_text(r["name"], r["slot"], r["thing"]))
+        mine = [f for f in facts if f.startswith(r["name"])]
+        other = [f for f in facts if f not in mine]
+        assert len(mine) == 1 and r["gold"] in re.findall(r"\w+", mine[0])
+        assert r["gold"] not in re.findall(r"\w+", other[0])  # the other person has another value
+        assert is_test(r["name"], r["slot"], r["gold"]) and r["distance"] == 0 and r["interactions"] == []
+
+
+def test_episodes_mark_the_binding_case():
+    episodes = make_episodes(300, seed=4)
+    binding = [ep for ep in episodes if ep["binding"]]
+    assert 0.2 < len(binding) / len(episodes) < 0.5
+    for ep in binding:  # turn 1 gives the probed slot to someone else too, with another value
+        slot_things = SLOTS[ep["slot"]]["fact"].split("{p}")[1].split("{v}")[0].format(x=ep["thing"]).strip()
+        others = [n for n in NAMES if n != ep["name"] and n in ep["query"]]
+        assert ep["kind"] != "cumulative" and others and slot_things in ep["query"]

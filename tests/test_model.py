@@ -81,7 +81,7 @@ def test_attention_family_matches_naive_attention(H, Hq, Hkv):
     x, kv = torch.randn(2, 7, 64), torch.randn(2, 11, 64)
     mask = torch.rand(2, 1, 7, 11) > 0.3
     mask[..., 0] = True
-    y = attn(x, kv, mask=mask)
+    y = attn(x, kv, attn_mask=mask)
     assert y.shape == (2, 7, 64)
     torch.testing.assert_close(y, naive_attention(attn, x, kv, mask), atol=1e-5, rtol=1e-5)
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
@@ -112,8 +112,8 @@ def test_decoder_is_causal():
     ids = torch.randint(0, 97, (1, 12))
     changed = ids.clone()
     changed[0, 8] = (ids[0, 8] + 1) % 97
-    a, _ = m.decode(ids, stm)
-    b, _ = m.decode(changed, stm)
+    a, _, _ = m.decode(ids, stm)
+    b, _, _ = m.decode(changed, stm)
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
@@ -123,7 +123,7 @@ def test_encoder_is_bidirectional():
     ids = torch.randint(0, 97, (1, 12))
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % 97
-    assert not torch.allclose(m.encode(ids)[1][:, 0], m.encode(changed)[1][:, 0])
+    assert not torch.allclose(m.encode(ids)[-1][:, 0], m.encode(changed)[-1][:, 0])
 
 
 def test_appending_pads_changes_neither_encoder_nor_memory_write():
@@ -132,8 +132,8 @@ def test_appending_pads_changes_neither_encoder_nor_memory_write():
     mask = torch.ones(2, 10, dtype=torch.bool)
     padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
     pmask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], dim=1)
-    ed, _ = m.encode(ids, mask)
-    ed_p, _ = m.encode(padded, pmask)
+    ed = m.encode(ids, mask)
+    ed_p = m.encode(padded, pmask)
     torch.testing.assert_close(ed, ed_p[:, :, :10], atol=1e-5, rtol=1e-5)
     stm = m.new_memory(2)
     torch.testing.assert_close(m.update_memory(stm, ids, mask), m.update_memory(stm, padded, pmask),
@@ -144,8 +144,8 @@ def test_kv_cache_matches_full_forward():
     m = tiny_model()
     stm = m.new_memory(2)
     ids = torch.randint(0, 97, (2, 30))
-    full, _ = m.decode(ids, stm)
-    memory_kv = m.decoder.memory_kv(stm)
+    full, _, _ = m.decode(ids, stm)
+    memory_kv = m.decoder.project_memory(stm)
     caches = [model.KVCache(30) for _ in m.decoder.layers]
     logits, _ = m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # prompt
     steps = [logits]
@@ -189,10 +189,10 @@ def test_stm_slots_are_a_set():
     stm = m.new_memory(1) * 50  # large enough to matter
     ids = torch.randint(0, 97, (1, 10))
     perm = torch.randperm(stm.size(2))
-    a, _ = m.decode(ids, stm)
-    b, _ = m.decode(ids, stm[:, :, perm])
+    a, _, _ = m.decode(ids, stm)
+    b, _, _ = m.decode(ids, stm[:, :, perm])
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    c, _ = m.decode(ids, m.new_memory(1) * 50)
+    c, _, _ = m.decode(ids, m.new_memory(1) * 50)
     assert (a - c).abs().max() > 1e-3  # but the content does matter
 
 
@@ -201,7 +201,7 @@ def test_stateless_baseline_has_no_memory_path():
     base = StatelessDecoder(tiny())
     assert all(layer.cross_attn is None for layer in base.decoder.layers)
     ids = torch.randint(0, 97, (1, 10))
-    logits, _ = base(ids)
+    logits, _, _ = base(ids)
     assert logits.shape == (1, 10, 97)
     tokens, lengths = base.generate(ids, max_new_tokens=5, temperature=0)
     assert tokens.shape == (1, 5)
@@ -219,7 +219,7 @@ def stm_norm_after_updates(gate_type, n=100):
     return stm.norm(dim=-1).mean().item()
 
 
-@pytest.mark.parametrize("gate_type", ["static", "elementwise", "linear"])
+@pytest.mark.parametrize("gate_type", ["static", "per-slot", "linear"])
 def test_gate_keeps_memory_bounded(gate_type):
     gated, plain = stm_norm_after_updates(gate_type), stm_norm_after_updates("none")
     m = tiny_model()

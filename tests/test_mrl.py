@@ -8,17 +8,18 @@ from collections import Counter
 import pytest
 import torch
 
-import eval as memory_eval
+import evaluate
 import train_mrl
 import training
 from conftest import TINY
+from data.loaders import episode_tensors
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
 
 
 def reference_bleu(cand, ref, max_n=4):
-    """Plain-Python per-sentence BLEU with the same smoothing as train_mrl.bleu (add-one for n > 1)."""
+    """Plain-Python per-sentence BLEU with the same smoothing as evaluate.bleu (add-one for n > 1)."""
     if not cand:
         return 0.0
     logs = []
@@ -47,7 +48,7 @@ def test_bleu_matches_a_plain_python_reference_on_random_sequences():
     refs = [[rng.randrange(6) for _ in range(rng.randrange(1, 15))] for _ in range(300)]
     c, c_len = pad(cands, 0)
     r, r_len = pad(refs, -1)
-    got = train_mrl.bleu(c, c_len, r, r_len)
+    got = evaluate.bleu(c, c_len, r, r_len)
     want = torch.tensor([reference_bleu(a, b) for a, b in zip(cands, refs)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (want > 0).sum() > 100  # the comparison is not all zeros
@@ -56,7 +57,7 @@ def test_bleu_matches_a_plain_python_reference_on_random_sequences():
 def test_bleu_is_one_for_identical_and_zero_for_disjoint_answers():
     c, c_len = pad([[1, 2, 3, 4, 5], [1, 2, 3]], 0)
     r, r_len = pad([[1, 2, 3, 4, 5], [7, 8, 9]], -1)
-    torch.testing.assert_close(train_mrl.bleu(c, c_len, r, r_len), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(evaluate.bleu(c, c_len, r, r_len), torch.tensor([1.0, 0.0]))
 
 
 def tiny_model(tok, **overrides):
@@ -72,7 +73,7 @@ def test_memory_attention_pretraining_loss_falls(world):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
     model = tiny_model(tok)
     episodes = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:64]
-    turns = train_mrl.turn_tensors(tok, episodes, 64, "cpu", pad_to=model.cfg.stm_size)
+    turns = episode_tensors(tok, episodes, 64, "cpu", pad_to=model.cfg.stm_size)
     opt = torch.optim.AdamW(model.memory_attention.parameters(), lr=3e-3)
     cfg, g = cfg_for(), torch.Generator().manual_seed(0)
     losses = []
@@ -111,16 +112,16 @@ def test_smat_makes_recall_beat_the_reset_memory_control(world):
     opt = torch.optim.AdamW(params, lr=3e-3)
     for step in range(250):
         batch = [train[i] for i in torch.randint(len(train), (32,), generator=g).tolist()]
-        loss, _ = train_mrl.smat_loss(model, train_mrl.turn_tensors(tok, batch, 64, "cpu"), cfg, g)
+        loss, _ = train_mrl.smat_loss(model, episode_tensors(tok, batch, 64, "cpu"), cfg, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     model.eval()
     test = colour_episodes(200, seed=2)
-    ecfg = dict(memory_eval.DEFAULTS, seq_len=64, max_answer=4)
-    recall, _ = memory_eval.recall(model, tok, test, ecfg)
-    control, _ = memory_eval.recall(model, tok, test, ecfg, reset_before_probe=True)
+    ecfg = dict(evaluate.DEFAULTS, max_answer=4)
+    recall = sum(evaluate.play(model, tok, test, ecfg)) / len(test)
+    control = sum(evaluate.play(model, tok, test, ecfg, reset_before_probe=True)) / len(test)
     assert recall > 0.6 and control < 0.3, (recall, control)  # chance is 1/8
 
 
@@ -132,7 +133,7 @@ def test_impo_step_moves_the_policy_towards_rewarded_answers(world):
     with torch.no_grad():  # make X a plausible sample at first, so that some rollouts are rewarded
         model.decoder.lm_head.bias[X] += 4.0
     critic = train_mrl.Critic(model)
-    cfg = cfg_for(max_answer=6, ppo_epochs=1, random_reset_prob=0.0)
+    cfg = cfg_for(mrl_max_answer=6, mrl_ppo_epochs=1, mrl_reset_prob=0.0)
     episodes = colour_episodes(16, seed=3)
 
     def contains_x(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
@@ -142,7 +143,7 @@ def test_impo_step_moves_the_policy_towards_rewarded_answers(world):
     def p_x():
         q = torch.tensor([[tok.bos_id, tok.q_id] + tok.encode("What does Mia like?") + [tok.a_id]])
         with torch.no_grad():
-            logits, _ = model.decode(q, model.new_memory(1, generator=torch.Generator().manual_seed(0)))
+            logits, _, _ = model.decode(q, model.new_memory(1, generator=torch.Generator().manual_seed(0)))
         return logits[0, -1].softmax(-1)[X].item()
 
     before = p_x()
@@ -163,9 +164,9 @@ def test_impo_step_moves_the_policy_towards_rewarded_answers(world):
 def test_unfreeze_schedule_controls_where_decoder_gradients_flow(world):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
     model = tiny_model(tok)
-    cfg = cfg_for(max_iters=100, unfreeze_memory_at=0.2, unfreeze_encoder_at=0.5)
+    cfg = cfg_for(max_iters=100, smat_unfreeze_memory_at=0.2, smat_unfreeze_encoder_at=0.5)
     episodes = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 1][:8]
-    turns = train_mrl.turn_tensors(tok, episodes, 64, "cpu")
+    turns = episode_tensors(tok, episodes, 64, "cpu")
 
     def grads_at(step):
         train_mrl.set_trainable(model, step, cfg)
@@ -187,7 +188,7 @@ def test_train_mrl_runs_every_phase_and_chains_checkpoints(world, tmp_path):
     training.save_checkpoint(str(start), tiny_model(tok), stage="sft", step=0, cfg={}, tokenizer=tok)
     results = train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), init_from=str(start), batch_size=4,
                                         mem_iters=3, smat_iters=3, mrl_iters=2, eval_interval=100,
-                                        mrl_curriculum=[[2]], max_answer=4))
+                                        mrl_curriculum=[[2]], mrl_max_answer=4))
     assert set(results) == {"mem", "smat", "mrl"}
     for phase in results:
         ckpt = training.load_checkpoint(str(tmp_path / phase / "ckpt.pt"))
@@ -200,8 +201,9 @@ def test_memory_eval_reports_recall_and_control_by_distance(world, tmp_path):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
     ckpt = tmp_path / "m.pt"
     training.save_checkpoint(str(ckpt), tiny_model(tok), stage="smat", step=0, cfg={}, tokenizer=tok)
-    results = memory_eval.main([f"--ckpt={ckpt}", f"--data_dir={world}", "--n_per_distance=10", "--seq_len=64",
-                                "--max_answer=4", "--device=cpu"])
-    assert sorted(results) == [1, 2, 4, 8]
-    assert all(r["n"] == 10 and 0 <= r["recall"] <= 1 and 0 <= r["reset_control"] <= 1 for r in results.values())
+    results = evaluate.main([f"--ckpt={ckpt}", f"--data_dir={world}", "--n_per_distance=10", "--max_answer=4",
+                             "--device=cpu"])
+    recall = results["recall"]
+    assert sorted(recall) == [1, 2, 4, 8]
+    assert all(r["n"] == 10 and 0 <= r["recall"] <= 1 and 0 <= r["reset_control"] <= 1 for r in recall.values())
     assert os.path.isfile(tmp_path / "eval.json")

@@ -6,6 +6,7 @@ import torch
 
 import train_mrl
 from conftest import TINY
+from data.loaders import episode_tensors
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
 
@@ -31,13 +32,13 @@ def test_exact_probe_answer_gets_the_maximum_reward_and_a_wrong_one_less(world):
     ans = padded([right, wrong], tok.pad_id)
     ans_len = torch.tensor([len(right), len(wrong)])
     r = train_mrl.rewards(model, ans, ans_len, ref_ids.masked_fill(~ref_mask, -1), ref_mask, True, cfg, tok)
-    assert r[0].item() == cfg["bleu_weight"] + cfg["recall_weight"]  # BLEU 1 + exact match 1
-    assert r[1].item() < r[0].item() - cfg["recall_weight"] + 1e-6
+    assert r[0].item() == cfg["mrl_bleu_weight"] + cfg["mrl_recall_weight"]  # BLEU 1 + exact match 1
+    assert r[1].item() < r[0].item() - cfg["mrl_recall_weight"] + 1e-6
 
 
 def test_cosine_reward_handles_references_of_different_lengths(world):
     tok, model = setup(world)
-    cfg = dict(train_mrl.DEFAULTS, bleu_weight=0.0, recall_weight=0.0, cosine_weight=1.0)
+    cfg = dict(train_mrl.DEFAULTS, mrl_bleu_weight=0.0, mrl_recall_weight=0.0, mrl_cosine_weight=1.0)
     rows = [tok.encode("red") + [tok.eos_id], tok.encode("Mia has a red ball.") + [tok.eos_id]]
     ref_ids = padded(rows, tok.pad_id)
     ref_mask = ref_ids != tok.pad_id
@@ -51,7 +52,7 @@ def test_the_policy_loss_sends_gradient_to_memory_attention_and_encoder(world):
     memory regulariser off, every other setting the default) must reach the write path."""
     from test_mrl import colour_episodes
     tok, model = setup(world)
-    cfg = dict(train_mrl.DEFAULTS, seq_len=64, max_answer=4, random_reset_prob=0.0, memory_reg=0.0)
+    cfg = dict(train_mrl.DEFAULTS, seq_len=64, mrl_max_answer=4, mrl_reset_prob=0.0, mrl_memory_reg=0.0)
     critic = train_mrl.Critic(model)
     play = train_mrl.rollout(model, colour_episodes(8, seed=0) * 1, tok, cfg, torch.Generator().manual_seed(0))
     loss, _ = train_mrl.impo_loss(model, critic, play, cfg)
@@ -70,7 +71,7 @@ def test_smat_loss_decodes_the_first_turn_from_a_fresh_memory(world, monkeypatch
     changed = [dict(ep, answer="Mia has a green kite and a very long story to tell.") for ep in episodes]
     losses = []
     for eps in (episodes, changed):
-        loss, _ = train_mrl.smat_loss(model, train_mrl.turn_tensors(tok, eps, 64, "cpu"), cfg,
+        loss, _ = train_mrl.smat_loss(model, episode_tensors(tok, eps, 64, "cpu"), cfg,
                                       torch.Generator().manual_seed(0))
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) > 1e-3, losses
@@ -79,7 +80,7 @@ def test_smat_loss_decodes_the_first_turn_from_a_fresh_memory(world, monkeypatch
 def test_policy_stability_kl_is_zero_for_an_unchanged_policy_and_positive_after_an_update(world):
     from test_mrl import colour_episodes
     tok, model = setup(world)
-    cfg = dict(train_mrl.DEFAULTS, seq_len=64, max_answer=4, random_reset_prob=0.0)
+    cfg = dict(train_mrl.DEFAULTS, seq_len=64, mrl_max_answer=4, mrl_reset_prob=0.0)
     critic = train_mrl.Critic(model)
     play = train_mrl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
     _, first = train_mrl.impo_loss(model, critic, play, cfg)  # the rollout's policy: nothing changed yet

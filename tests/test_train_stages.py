@@ -13,7 +13,7 @@ import train_joint
 import train_mlm
 import training
 from conftest import tiny_flags
-from data.loaders import get_lm_batch
+from data.loaders import get_lm_batch, mlm_inputs, next_token_targets
 from data.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,15 +47,15 @@ def test_joint_decoder_reads_the_encoded_memory(world, joint_run):
     model = training.model_from_checkpoint(ckpt).eval()
     tok = training.tokenizer_from_checkpoint(ckpt)
     g = torch.Generator().manual_seed(0)
-    ids, _ = get_lm_batch(os.path.join(world, "val.bin"), 64, 64, generator=g)
+    ids = get_lm_batch(os.path.join(world, "val.bin"), 64, 64, generator=g)
     mask = ids != tok.pad_id
-    loss_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    targets = next_token_targets(ids, mask)
     with torch.no_grad():
-        masked, _ = train_mlm.mask_tokens(ids, mask, tok.mask_id, 0.15, g)
-        ed, _ = model.encode(masked, mask)
-        own, _ = train_joint.ar_loss(model.decode(ids, ed, mask)[0], ids, loss_mask)
+        masked, _ = mlm_inputs(ids, mask, tok.mask_id, 0.15, g)
+        ed = model.encode(masked, mask)
+        own = model.decode(ids, ed, mask, targets)[1]
         other = torch.roll(torch.arange(64), 1)
-        wrong, _ = train_joint.ar_loss(model.decode(ids, ed[:, other], mask[other])[0], ids, loss_mask)
+        wrong = model.decode(ids, ed[:, other], mask[other], targets)[1]
     assert own < 0.96 * wrong, (own.item(), wrong.item())  # measured: 0.62 vs 0.67
 
 
@@ -76,18 +76,17 @@ def test_interrupted_run_resumes_to_the_same_weights(world, tmp_path):
         tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
         model = training.init_model(cfg, tok, device)
 
-        def get_batch(split, g):
-            return get_lm_batch(os.path.join(world, f"{split}.bin"), 16, 64, generator=g)[0]
-
-        def loss_fn(model, ids, g):
-            loss, _, metrics = train_mlm.mlm_loss(model, ids, ids != tok.pad_id, tok.mask_id, 0.15, g)
-            return loss, metrics
-
-        def on_step(step):
-            if step == crash_at:
+        def get_batch(split, step, g):
+            if step == crash_at and split == "train":
                 raise KeyboardInterrupt
-        training.train(cfg, model, stage="mlm", loss_fn=loss_fn, get_batch=get_batch, device=device, ctx=ctx,
-                       tokenizer=tok, on_step=on_step)
+            return get_lm_batch(os.path.join(world, f"{split}.bin"), 16, 64, generator=g)
+
+        def loss_fn(model, ids, step, g):
+            masked, targets = mlm_inputs(ids, ids != tok.pad_id, tok.mask_id, 0.15, g)
+            _, loss, acc = model.mlm(masked, ids != tok.pad_id, targets)
+            return loss, {"mlm_loss": loss.detach(), "mlm_acc": acc}
+        training.train(cfg, model, stage="mlm", get_batch=get_batch, loss_fn=loss_fn, params=model.parameters(),
+                       device=device, ctx=ctx, tokenizer=tok)
         return model
 
     straight = run(tmp_path / "a")

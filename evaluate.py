@@ -1,0 +1,211 @@
+"""
+Memory evaluation: does the model remember, and what users see when it does. On held-out memory episodes the model
+is told facts, the later turns are written into its STM one by one, and at the probe it answers from memory alone
+(greedy, exact match of the one-word answer). Every row stands next to its control - the same model with its STM
+reset just before the probe - and the chance level of guessing among the slot's values.
+
+  recall      by distance (turns between the fact and the question), all episode kinds, and per kind:
+              long-range (the probe returns to turn 1), cumulative (facts build up), overwrite (latest value wins)
+  binding     the episodes whose first turn gives the same slot to two people ("Ruby's favourite food is pizza.
+              Lucy's favourite food is pie." ... "What is Lucy's favourite food?")
+  chat flow   the same episodes as `recall`, but every earlier turn is written with the model's *own* greedy
+              answer, as chat.py writes it
+  in-context  two people, one slot and the question in one message, fresh memory: the decoder's own ceiling
+
+    python evaluate.py --ckpt=out/nano/mrl/ckpt.pt [--distances=[1,2,4,8] --n_per_distance=200]
+"""
+
+import json
+import os
+import re
+
+import torch
+
+import training
+from data.loaders import collate_interactions, collate_queries, episode_turns
+from data.memory_world import SLOTS, read_jsonl
+
+DEFAULTS = dict(
+    ckpt="out/nano/mrl/ckpt.pt",
+    data_dir="data/cache/world",
+    episodes_file="episodes_test.jsonl",
+    incontext_file="incontext_test.jsonl",
+    distances=[1, 2, 4, 8],
+    n_per_distance=200,  # episodes per distance for `recall` and `chat flow` (binding: all of that distance)
+    chat_flow=True,
+    batch_size=50,
+    max_answer=16,  # the probe's answer is one word
+    max_turn_answer=48,  # chat flow: the longest answer the model may give to an earlier turn
+    seed=1234,
+    device="auto",
+    out="",  # JSON path; default: next to the checkpoint
+)
+
+KINDS = ("long-range", "cumulative", "overwrite")
+
+
+# -----------------------------------------------------------------------------
+# Scores of an answer: exact match (memory recall, the probe's MRL reward) and BLEU (the MRL reward of other turns)
+
+
+def normalize(text):
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def exact_match(ans, ans_len, ref, ref_mask):
+    """(B,) bool: the answer equals the reference token for token, [EOS] included on both sides (an answer cut short
+    is not right). ans (B, N) with lengths counting [EOS]; ref (B, R) right-padded, ref_mask (B, R)."""
+    L = min(ans.size(1), ref.size(1))
+    return ((ans[:, :L] == ref[:, :L]) | ~ref_mask[:, :L]).all(dim=1) & (ans_len == ref_mask.sum(dim=1))
+
+
+def bleu(cand, cand_len, ref, ref_len, max_n=4):
+    """Per-sentence BLEU on token ids, vectorised as in TensorBLEU (Filipek, arXiv:2510.05485): n-grams by unfold, counted per sentence through
+    torch.unique, clipped by the reference counts; brevity penalty; add-one smoothing for n > 1.
+    cand (B, Lc), ref (B, Lr) right-padded (pads must never match), lengths (B,) -> (B,) in [0, 1]."""
+    B, device = cand.size(0), cand.device
+    rows = torch.arange(B, device=device)[:, None]
+    log_p = []
+    for n in range(1, max_n + 1):
+        grams, owners, totals = [], [], []
+        for seq, length in ((cand, cand_len), (ref, ref_len)):
+            g = seq.unfold(1, n, 1) if seq.size(1) >= n else seq.new_zeros(B, 0, n)  # (B, L-n+1, n)
+            valid = torch.arange(g.size(1), device=device)[None] + n <= length[:, None]
+            grams.append(g[valid])
+            owners.append(rows.expand_as(valid)[valid])
+            totals.append(valid.sum(dim=1))
+        uniq, inverse = torch.unique(torch.cat(grams), dim=0, return_inverse=True)
+        U, n_cand = max(1, uniq.size(0)), grams[0].size(0)
+        c_counts = torch.bincount(owners[0] * U + inverse[:n_cand], minlength=B * U).view(B, U)
+        r_counts = torch.bincount(owners[1] * U + inverse[n_cand:], minlength=B * U).view(B, U)
+        matches, total = torch.minimum(c_counts, r_counts).sum(dim=1).float(), totals[0].float()
+        p = matches / total.clamp(min=1) if n == 1 else (matches + 1) / (total + 1)
+        log_p.append(torch.log(p.clamp(min=1e-30)) if n > 1 else torch.log(p).nan_to_num(neginf=-1e30))
+    c, r = cand_len.float(), ref_len.float()
+    bp = torch.where(c > r, torch.ones_like(c), torch.exp(1 - r / c.clamp(min=1)))
+    score = bp * torch.exp(torch.stack(log_p).mean(dim=0))
+    return torch.where(cand_len > 0, score, torch.zeros_like(score))
+
+
+# -----------------------------------------------------------------------------
+# The memory evaluation
+
+
+def chance(ep):
+    """Probability of guessing the gold word among the values the probed slot can take."""
+    values = SLOTS[ep["slot"]]["values"]
+    return 1.0 / (len(values) - (ep["slot"] == "friend"))  # nobody is their own best friend
+
+
+@torch.no_grad()
+def answer(model, tok, queries, stm, max_new_tokens, seq_len):
+    """Greedy answers (text) to a batch of queries, reading stm."""
+    device = model.embed.weight.device
+    q_ids, q_mask = collate_queries(tok, queries, seq_len, max_new_tokens)
+    ans, lengths = model.generate(q_ids.to(device), q_mask.to(device), stm, max_new_tokens=max_new_tokens,
+                                  temperature=0, eos_id=tok.eos_id)
+    return [tok.decode([t for t in ans[b, :lengths[b]].tolist() if t != tok.eos_id]) for b in range(len(queries))]
+
+
+@torch.no_grad()
+def play(model, tok, episodes, cfg, reset_before_probe=False, own_answers=False):
+    """Per episode: 1 if the probe's greedy answer equals the gold word, else 0. Every turn before the probe is
+    written into memory - with its reference answer, or (own_answers) with the model's own greedy answer."""
+    device, seq_len = model.embed.weight.device, model.cfg.seq_len
+    g = torch.Generator(device).manual_seed(cfg["seed"])
+    hits = []
+    for i in range(0, len(episodes), cfg["batch_size"]):
+        batch = episodes[i:i + cfg["batch_size"]]
+        turns = [episode_turns(ep) for ep in batch]
+        stm = model.new_memory(len(batch), generator=g)
+        for t in range(len(turns[0]) - 1):
+            records = [tr[t] for tr in turns]
+            if own_answers:
+                said = answer(model, tok, [r["query"] for r in records], stm, cfg["max_turn_answer"], seq_len)
+                records = [{"query": r["query"], "answer": a} for r, a in zip(records, said)]
+            ids, mask, _ = collate_interactions(tok, records, seq_len)
+            stm = model.update_memory(stm, ids.to(device), mask.to(device))
+        if reset_before_probe:
+            stm = model.new_memory(len(batch), generator=g)
+        said = answer(model, tok, [tr[-1]["query"] for tr in turns], stm, cfg["max_answer"], seq_len)
+        hits += [float(normalize(a) == normalize(ep["gold"])) for a, ep in zip(said, batch)]
+    return hits
+
+
+def score(model, tok, episodes, cfg, **kw):
+    """{recall, reset_control, chance, n} of a set of episodes (the control only where memory could matter)."""
+    if not episodes:
+        return None
+    hits = play(model, tok, episodes, cfg, **kw)
+    result = {"n": len(episodes), "recall": sum(hits) / len(hits),
+              "chance": sum(map(chance, episodes)) / len(episodes)}
+    if episodes[0]["distance"] > 0 and not kw.get("own_answers"):
+        control = play(model, tok, episodes, cfg, reset_before_probe=True)
+        result["reset_control"] = sum(control) / len(control)
+    result["by_kind"] = {k: sum(h for h, ep in zip(hits, episodes) if ep["kind"] == k) /
+                         max(1, sum(ep["kind"] == k for ep in episodes)) for k in KINDS}
+    return result
+
+
+def evaluate_memory(model, tok, episodes, incontext, cfg):
+    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}}."""
+    results = {"recall": {}, "binding": {}, "chat_flow": {}}
+    for d in cfg["distances"]:
+        eps = [ep for ep in episodes if ep["distance"] == d]
+        results["recall"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg)
+        results["binding"][d] = score(model, tok, [ep for ep in eps if ep.get("binding")], cfg)
+        if cfg["chat_flow"]:
+            results["chat_flow"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg, own_answers=True)
+    results["in_context"] = score(model, tok, incontext, cfg)
+    return results
+
+
+def format_table(results):
+    """One line per row, one column per distance: recall (reset control) [chance]."""
+    distances = list(results["recall"])
+    cell = lambda r, key="recall": "-" if r is None else f"{r[key]:.1%}"
+    lines = ["row                     | " + " | ".join(f"d={d:<14}" for d in distances),
+             "------------------------|-" + "-|-".join("-" * 16 for _ in distances)]
+
+    def add(name, per_d):
+        lines.append(f"{name:<24}| " + " | ".join(f"{v:<16}" for v in per_d))
+
+    add("recall", [cell(results["recall"][d]) for d in distances])
+    add("  reset control", [cell(results["recall"][d], "reset_control") for d in distances])
+    add("  chance", [cell(results["recall"][d], "chance") for d in distances])
+    for k in KINDS:
+        add(f"  {k}", ["-" if results["recall"][d] is None else f"{results['recall'][d]['by_kind'][k]:.1%}"
+                       for d in distances])
+    b = results["binding"]
+    add("binding", [cell(b[d]) for d in distances])
+    add("  reset control", [cell(b[d], "reset_control") for d in distances])
+    if results["chat_flow"]:
+        add("chat flow (own answers)", [cell(results["chat_flow"].get(d)) for d in distances])
+    ic = results["in_context"]
+    if ic:
+        lines.append(f"in-context (one message, fresh memory): {ic['recall']:.1%} of {ic['n']} "
+                     f"(chance {ic['chance']:.1%})")
+    return "\n".join(lines)
+
+
+def main(argv):
+    cfg = training.configure(DEFAULTS, argv)
+    model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
+    episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
+    ic_path = os.path.join(cfg["data_dir"], cfg["incontext_file"])
+    incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
+    results = evaluate_memory(model, tok, episodes, incontext, cfg)
+    print(f"memory of {cfg['ckpt']} (stage {ckpt['stage']}, step {ckpt['step']}) on {cfg['episodes_file']}, greedy, "
+          f"exact match:")
+    print(format_table(results))
+    out = cfg["out"] or os.path.join(os.path.dirname(cfg["ckpt"]), "eval.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"ckpt": cfg["ckpt"], "stage": ckpt["stage"], "results": results}, f, indent=2)
+    os.replace(out + ".tmp", out)
+    print(f"saved {out}")
+    return results
+
+
+if __name__ == "__main__":
+    training.cli(main)
