@@ -15,20 +15,18 @@ Read top to bottom: config -> RoPE -> attention (the SQA family) -> feed-forward
 decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline. Where this file departs
 from the reference implementation (RxNN/RxLM), the comment says so and why.
 
-References
-  RxT      A. Filipek, "Reactive Transformer (RxT) - Stateful Real-Time Processing for Event-Driven Reactive Language
-           Models", arXiv:2510.03561 (2025). The RxT-Alpha model cards (Nano/Micro/Mini) give the sizes of PRESETS.
-  SQA      A. Filipek, "Sparse Query Attention (SQA): A Computationally Efficient Attention Mechanism with Query Heads
-           Reduction", arXiv:2510.01817 (2025).
-  RoPE     Su et al., arXiv:2104.09864. SwiGLU: Shazeer, arXiv:2002.05202. RMSNorm: Zhang & Sennrich, arXiv:1910.07467.
-  Switch   Fedus, Zoph & Shazeer, "Switch Transformers", arXiv:2101.03961 (the MoE load-balancing loss).
+References: RxT - A. Filipek, "Reactive Transformer (RxT) - Stateful Real-Time Processing for Event-Driven Reactive
+Language Models", arXiv:2510.03561 (2025), and the RxT-Alpha model cards (the sizes of PRESETS). SQA - A. Filipek,
+"Sparse Query Attention (SQA)", arXiv:2510.01817 (2025). RoPE: Su et al., arXiv:2104.09864. SwiGLU: Shazeer,
+arXiv:2002.05202. RMSNorm: Zhang & Sennrich, arXiv:1910.07467. MoE balancing loss: Switch Transformers (Fedus et al.,
+arXiv:2101.03961).
 
 Notation in shape comments: B batch, T tokens, L layers, D model dim, H heads (only fixes the head size hd = D/H),
 Hq query heads, Hkv key/value heads, S STM slots per layer, M length of what cross-attention reads (S slots or T
 tokens), V vocab, E experts, k experts per token, N tokens of a flattened batch.
 """
 
-import math
+from copy import deepcopy
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -54,34 +52,42 @@ class ModelConfig:
     seq_len: int = 256  # longest single interaction
     stm_size: int = 256  # S, memory slots per layer
     memory_attention: str = "self-interlayer"  # simple | self | interlayer | self-interlayer
-    gate_type: str = "linear"  # static | per-slot | linear | none (plain residual, for comparison)
+    gate_type: str = "linear"  # static | per-slot | per-element | linear | none (plain residual, for comparison)
     encoder_cross_attention: bool = False  # only the RxT-Alpha Mini *Base* encoder card has it
     enc_cross_q_heads: int = 8
     enc_cross_kv_heads: int = 4
     rope_base: float = 10000.0
     stm_init_std: float = 0.02
+    # the memory system: the reference design by default; the alternatives are measured in the README
+    memory_rope: bool = True  # RoPE on the read's queries and the write's token keys (False: no positions at all)
+    memory_qk_norm: bool = False  # QK-norm in memory cross-attention and memory attention
+    memory_heads: int = 0  # query = key/value heads of memory cross-attention and memory attention (0: n_q_heads)
+    stm_init: str = "noise"  # noise: a fresh STM is N(0, stm_init_std^2); learned: learned slots + that noise
 
     def __post_init__(self):
-        checks = [(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
-                  ((self.d_model // max(1, self.n_heads)) % 2 == 0, "RoPE needs an even head size d_model/n_heads"),
-                  (self.n_q_heads % max(1, self.n_kv_heads) == 0, "n_q_heads must be a multiple of n_kv_heads"),
-                  (0 < self.top_k <= self.n_experts, "top_k must be in 1..n_experts"),
-                  (self.memory_attention in MEMORY_ATTENTION, f"memory_attention must be one of {MEMORY_ATTENTION}"),
-                  (self.gate_type in GATES, f"gate_type must be one of {GATES}")]
-        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_q_heads", "n_kv_heads", "enc_ff_dim",
-                 "n_experts", "expert_dim", "seq_len", "stm_size")
-        checks += [(getattr(self, f) > 0, f"{f} must be positive") for f in sizes]
-        for ok, message in checks:
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_q_heads", "n_kv_heads", "enc_ff_dim", "n_experts",
+                 "top_k", "expert_dim", "seq_len", "stm_size")
+        bad = [f for f in sizes if getattr(self, f) < 1] + ["memory_heads"] * (self.memory_heads < 0)
+        for ok, message in [(not bad, f"{', '.join(bad)} must be positive"),
+                            (self.d_model % max(1, self.n_heads) == 0, "d_model must be divisible by n_heads"),
+                            (self.head_dim % 2 == 0, "RoPE needs an even head size d_model / n_heads"),
+                            (self.n_q_heads % max(1, self.n_kv_heads) == 0, "n_q_heads must be a multiple of n_kv_heads"),
+                            (self.top_k <= self.n_experts, "top_k must be at most n_experts"),
+                            (self.memory_attention in MEMORY_ATTENTION, f"memory_attention: one of {MEMORY_ATTENTION}"),
+                            (self.gate_type in GATES, f"gate_type must be one of {GATES}"),
+                            (self.stm_init in ("noise", "learned"), "stm_init must be noise or learned"),
+                            (self.d_model % 8 == 0 and self.expert_dim % 8 == 0, "d_model and expert_dim must be "
+                             "multiples of 8 (the experts' grouped matmul needs aligned rows)")]:
             if not ok:
                 raise ValueError(f"ModelConfig: {message}")
 
     @property
     def head_dim(self):
-        return self.d_model // self.n_heads
+        return self.d_model // max(1, self.n_heads)
 
 
 MEMORY_ATTENTION = ("simple", "self", "interlayer", "self-interlayer")
-GATES = ("static", "per-slot", "linear", "none")
+GATES = ("static", "per-slot", "per-element", "linear", "none")
 
 # The RxT-Alpha cards' sizes (micro, mini) and the CPU demo (nano). Parameter counts are checked in tests.
 PRESETS = {
@@ -113,19 +119,16 @@ def get_config(preset, **overrides):
 
 
 def rope(positions, head_dim, base):
-    """cos, sin of the rotation angles for integer positions (T,) or (B, T)."""
+    """cos and sign-folded sin (T, hd) of the rotation angles for integer positions (T,), as apply_rope wants them."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (T, hd/2) or (B, T, hd/2)
-    if angles.dim() == 3:
-        angles = angles[:, None]  # (B, 1, T, hd/2): broadcast over heads
-    return angles.cos(), angles.sin()
+    angles = positions.float()[:, None] * inv_freq  # (T, hd/2)
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, hd) by position, half-split layout: q.k then depends only on the offset."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate (B, H, T, hd) by position, half-split layout [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos], written
+    as x * cos + [x2, x1] * [-sin, sin]: q.k then depends only on the offset."""
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -143,10 +146,8 @@ class KVCache:
         self.max_len, self.len, self.k, self.v = max_len, 0, None, None
 
     def append(self, k, v):  # (B, Hkv, T, hd) each
-        if self.k is None:
-            B, Hkv, _, hd = k.shape
-            self.k = k.new_empty(B, Hkv, self.max_len, hd)
-            self.v = v.new_empty(B, Hkv, self.max_len, hd)
+        if self.k is None:  # (B, Hkv, max_len, hd) each, in the dtype the step produced (bf16 under autocast)
+            self.k, self.v = (t.new_empty(t.size(0), t.size(1), self.max_len, t.size(3)) for t in (k, v))
         T = k.size(2)
         assert self.len + T <= self.max_len, "KV cache overflow"
         self.k[:, :, self.len:self.len + T] = k
@@ -158,33 +159,40 @@ class KVCache:
 class Attention(nn.Module):
     """The attention family by (H, Hq, Hkv): MHA, GQA, MQA and SQA - self-attention or cross-attention."""
 
-    def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads):
+    def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads, qk_norm=False):
         super().__init__()
         self.hd, self.n_q, self.n_kv = d_model // n_heads, n_q_heads, n_kv_heads
-        self.q_proj = nn.Linear(d_model, n_q_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.hd, bias=False)
+        # one matrix for queries, keys and values (rows [q | k | v]): self-attention projects them in one matmul
+        self.qkv_proj = nn.Linear(d_model, (n_q_heads + 2 * n_kv_heads) * self.hd, bias=False)
         self.out_proj = nn.Linear(n_q_heads * self.hd, d_model, bias=True)
+        # QK-norm: unit-RMS queries and keys per head, with learned gains - lets attention turn sharp early
+        self.q_norm, self.k_norm = (nn.RMSNorm(self.hd), nn.RMSNorm(self.hd)) if qk_norm else (None, None)
+
+    def heads(self, x, n, rope_cs=None, norm=None):  # (B, T, n*hd) -> (B, n, T, hd), normed, then rotated
+        x = x.view(x.size(0), x.size(1), n, self.hd).transpose(1, 2)
+        x = x if norm is None else norm(x)
+        return x if rope_cs is None else apply_rope(x, *rope_cs)
 
     def keys_values(self, context, k_rope=None):
         """Keys and values (B, Hkv, M, hd) of what the queries read; cacheable (the STM's, once per turn)."""
-        B, M, _ = context.shape
-        k = self.k_proj(context).view(B, M, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(context).view(B, M, self.n_kv, self.hd).transpose(1, 2)
-        return (k if k_rope is None else apply_rope(k, *k_rope)), v
+        k, v = F.linear(context, self.qkv_proj.weight[self.n_q * self.hd:]).chunk(2, dim=-1)
+        return self.heads(k, self.n_kv, k_rope, self.k_norm), self.heads(v, self.n_kv)
 
     def forward(self, x, context=None, *, context_kv=None, q_rope=None, k_rope=None, attn_mask=None, is_causal=False,
                 cache=None):
-        """x (B, T, D) makes the queries. They read `context` (B, M, D), or x itself when it is None (self-attention),
-        or `context_kv`, its keys/values already projected. A `cache` (KVCache) first appends this step's keys/values
-        and then serves all of them. attn_mask (B or 1, 1, T or 1, M) bool: True = may attend."""
+        """x (B, T, D) makes the queries. They read `context` (B, M, D), or x itself when both context and
+        context_kv are None (self-attention), or `context_kv`, its keys/values already projected. A `cache`
+        (KVCache) first appends this step's keys/values and then serves all of them.
+        attn_mask (B or 1, 1, T or 1, M) bool: True = may attend."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_q, self.hd).transpose(1, 2)  # (B, Hq, T, hd)
-        if q_rope is not None:
-            q = apply_rope(q, *q_rope)
-        k, v = context_kv if context_kv is not None else self.keys_values(x if context is None else context, k_rope)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, Hkv, T_cache, hd)
+        if context is None and context_kv is None:
+            q, k, v = self.qkv_proj(x).split([self.n_q * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+            context_kv = self.heads(k, self.n_kv, k_rope, self.k_norm), self.heads(v, self.n_kv)
+        else:
+            q = F.linear(x, self.qkv_proj.weight[:self.n_q * self.hd])
+            context_kv = context_kv if context_kv is not None else self.keys_values(context, k_rope)
+        q = self.heads(q, self.n_q, q_rope, self.q_norm)  # (B, Hq, T, hd)
+        k, v = context_kv if cache is None else cache.append(*context_kv)  # (B, Hkv, M, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=self.n_q != self.n_kv)  # (B, Hq, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.hd))
@@ -194,32 +202,34 @@ class Attention(nn.Module):
 # Feed-forward: dense SwiGLU (encoder) and Mixture-of-Experts (decoder)
 
 
+def glu(h):  # [Wg x | Wu x] -> silu(Wg x) * Wu x
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
-    """Dense gated feed-forward of the encoder: W2(silu(Wg x) * Wu x)."""
+    """Dense gated feed-forward of the encoder: W2(silu(Wg x) * Wu x), with Wg and Wu in one matrix."""
 
     def __init__(self, d_model, hidden):
         super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(glu(self.w_gate_up(x)))
 
 
 class MoEFeedForward(nn.Module):
     """Decoder feed-forward: a softmax router sends each token to its top-k SwiGLU experts (no capacity limit, no
-    dropped tokens). Also returns the Switch Transformer load-balancing loss E * sum_e f_e * P_e (f_e: share of the
-    routing slots sent to expert e, P_e: mean router probability of e over all tokens), which is 1 when routing is
-    uniform. (The reference averages P_e over the routed tokens only, a non-standard variant.)"""
+    dropped tokens); also returns the Switch load-balancing loss E * sum_e f_e * P_e (f_e: share of the routing slots
+    sent to e, P_e: mean router probability of e over all tokens; the reference averages P_e over routed tokens only)."""
 
     def __init__(self, d_model, n_experts, top_k, hidden):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        # experts stacked as (E, ...) tensors: expert e is SwiGLU(w_gate[e], w_up[e], w_down[e])
-        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
-        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        # experts stacked as (E, ...) tensors: expert e is SwiGLU(w_gate_up[e] = [Wg | Wu], w_down[e])
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
     def forward(self, x):  # (B, T, D) -> (B, T, D), balancing loss
@@ -231,22 +241,20 @@ class MoEFeedForward(nn.Module):
         experts = experts.flatten()  # (N*k,) routing slots, k per token
         counts = torch.bincount(experts, minlength=self.n_experts)  # (E,)
         aux_loss = self.n_experts * (counts.float() / experts.numel() * probs.mean(dim=0)).sum()
-        # dispatch without a loop over tokens: sort the slots by expert, gather their tokens once, run each used
-        # expert once on its contiguous slice, scatter-add the weighted outputs back to their tokens
+        # dispatch with no loop and no host sync: sort the slots by expert, gather their tokens once, run every
+        # expert on its contiguous group in one grouped matmul, scatter-add the weighted outputs back to the tokens
         order = experts.argsort()  # (N*k,)
         token_of_slot = order // self.top_k
-        xs = x.index_select(0, token_of_slot)  # (N*k, D), grouped by expert
-        # training: unbind the experts once, so that backward stacks their grads into one tensor (w[e] per expert
-        # would give each expert a gradient of the full (E, ...) size)
-        w_gate, w_up, w_down = (w.unbind() if torch.is_grad_enabled() else w
-                                for w in (self.w_gate, self.w_up, self.w_down))
-        ys, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n > 0:
-                xe = xs[start:start + n]
-                ys.append((F.silu(xe @ w_gate[e]) * (xe @ w_up[e])) @ w_down[e])  # (n, D)
-                start += n
-        ys = torch.cat(ys)  # (N*k, D)
+        ends = counts.cumsum(0).to(torch.int32)  # where each expert's group ends
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x.index_select(0, token_of_slot).to(dtype)  # (N*k, D), grouped by expert
+        if dtype == torch.bfloat16:  # one grouped matmul for all experts: no loop, no host sync (GPU kernels: bf16)
+            ys = F.grouped_mm(glu(F.grouped_mm(xs, self.w_gate_up.to(dtype), offs=ends)), self.w_down.to(dtype),
+                              offs=ends)  # (N*k, D)
+        else:  # fp32: one matmul per used expert (on a CPU the host sync of tolist() costs nothing); unbound once,
+            # so that backward stacks the experts' grads into one tensor instead of one (E, ...) tensor per expert
+            w1, w2 = (w.unbind() if torch.is_grad_enabled() else w for w in (self.w_gate_up, self.w_down))
+            ys = torch.cat([glu(part @ w1[e]) @ w2[e] for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
         ys = (ys * weights.flatten()[order, None].to(ys.dtype)).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys).view(shape), aux_loss
 
@@ -267,8 +275,7 @@ class EncoderLayer(nn.Module):
         if cfg.encoder_cross_attention:
             self.norm_cross, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
             self.cross_attn = Attention(D, cfg.n_heads, cfg.enc_cross_q_heads, cfg.enc_cross_kv_heads)
-        self.norm2 = nn.RMSNorm(D)
-        self.ff = SwiGLU(D, cfg.enc_ff_dim)
+        self.norm2, self.ff = nn.RMSNorm(D), SwiGLU(D, cfg.enc_ff_dim)
 
     def forward(self, x, rope_cs, attn_mask=None, stm_l=None):
         x = x + self.attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=attn_mask)
@@ -304,10 +311,10 @@ class DecoderLayer(nn.Module):
         D = cfg.d_model
         self.norm1 = nn.RMSNorm(D)
         self.self_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
-        self.cross_attn = None
+        self.cross_attn, self.memory_rope = None, cfg.memory_rope
         if memory_cross_attention:
             self.norm2, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
-            self.cross_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
+            self.cross_attn = memory_attention_heads(cfg)
         self.norm3 = nn.RMSNorm(D)
         self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim)
 
@@ -315,7 +322,8 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=self_mask,
                                is_causal=is_causal, cache=cache)
         if self.cross_attn is not None:  # queries carry positions, memory keys do not (the STM is a set)
-            x = x + self.cross_attn(self.norm2(x), context_kv=memory_kv, q_rope=rope_cs, attn_mask=memory_mask)
+            x = x + self.cross_attn(self.norm2(x), context_kv=memory_kv, q_rope=rope_cs if self.memory_rope else None,
+                                    attn_mask=memory_mask)
         h, aux_loss = self.moe(self.norm3(x))
         return x + h, aux_loss
 
@@ -336,14 +344,13 @@ class Decoder(nn.Module):
             return [None] * len(self.layers)
         return [layer.cross_attn.keys_values(layer.stm_norm(memory[l])) for l, layer in enumerate(self.layers)]
 
-    def forward(self, x, memory_kv=None, memory_mask=None, positions=None, self_mask=None, caches=None,
+    def forward(self, x, memory_kv=None, memory_mask=None, rope_cs=None, self_mask=None, caches=None,
                 logits_at=None):
-        # x (B, T, D); memory_kv from project_memory(); memory_mask (B, M) bool or None; positions (T,) or (B, T);
-        # logits_at (B,): only the logits at these positions (a prompt needs just its last one), shape (B, 1, V)
+        # x (B, T, D); memory_kv from project_memory(); memory_mask (B, M) bool; rope_cs (cos, sin) of the positions,
+        # (T, hd) or (B, 1, T, hd), default 0..T-1; logits_at (B,): logits (B, 1, V) only there (a prompt's last token)
         B, T, _ = x.shape
-        if positions is None:
-            positions = torch.arange(T, device=x.device)
-        rope_cs = rope(positions, self.cfg.head_dim, self.cfg.rope_base)
+        if rope_cs is None:
+            rope_cs = rope(torch.arange(T, device=x.device), self.cfg.head_dim, self.cfg.rope_base)
         # a prompt into an empty cache is plain causal; one new token attends every cached key
         is_causal = self_mask is None and T > 1
         assert not (is_causal and caches is not None and caches[0].len > 0), "multi-token step on a filled cache"
@@ -361,38 +368,44 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def stream(self, embed, ids, attn_mask=None, memory_kv=None, *, max_new_tokens=64, temperature=1.0, top_k=None,
                top_p=None, eos_id=None, generator=None):
-        """Yield the next token (B,) per step, with a real incremental KV cache: one token per forward after the
-        prompt. ids (B, T) right-padded prompts, attn_mask (B, T) bool. Stops when every row has sampled eos_id."""
+        """Yield the next token (B,) per step of right-padded prompts ids (B, T), attn_mask (B, T), with a real KV cache
+        (one token per forward after the prompt) until every row has said eos_id. What is fixed for the turn is made
+        once: the memory K/V (by the caller), the RoPE table, the caches."""
         B, T = ids.shape
         caches = [KVCache(T + max_new_tokens) for _ in self.layers]
-        if attn_mask is None:
-            lengths = torch.full((B,), T, device=ids.device)
-            logits, _ = self(embed(ids), memory_kv, caches=caches, logits_at=lengths - 1)
-            key_valid = None
-        else:
-            lengths = attn_mask.sum(dim=1)
-            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            logits, _ = self(embed(ids), memory_kv, self_mask=causal & attn_mask[:, None, None, :], caches=caches,
-                             logits_at=lengths - 1)
-            key_valid = attn_mask  # pads stay in the cache, masked out
-        next_logits = logits[:, -1]  # (B, V) after each row's last prompt token
+        cos, sin = rope(torch.arange(T + max_new_tokens, device=ids.device), self.cfg.head_dim, self.cfg.rope_base)
+        lengths = torch.full((B,), T, device=ids.device) if attn_mask is None else attn_mask.sum(dim=1)
+        self_mask = None  # no padding: plain causal prompt, then every cached key
+        if attn_mask is not None:  # right padding: pads stay in the cache, masked out
+            key_valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=ids.device)
+            key_valid[:, :T] = attn_mask
+            self_mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & attn_mask[:, None, None, :]
+        logits, _ = self(embed(ids), memory_kv, rope_cs=(cos[:T], sin[:T]), self_mask=self_mask, caches=caches,
+                         logits_at=lengths - 1)
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
-            tok = sample_next(next_logits, temperature, top_k, top_p, generator)  # (B,)
+            tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             yield tok
-            if eos_id is not None:
-                done |= tok == eos_id
-                if done.all():
-                    return
-            if step == max_new_tokens - 1:
+            done |= tok == eos_id if eos_id is not None else False
+            if done.all() or step == max_new_tokens - 1:
                 return
-            self_mask = None
-            if key_valid is not None:
-                key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=ids.device)], dim=1)
-                self_mask = key_valid[:, None, None, :]
-            positions = (lengths + step)[:, None]  # (B, 1): each row's own position (right padding)
-            logits, _ = self(embed(tok[:, None]), memory_kv, positions=positions, self_mask=self_mask, caches=caches)
-            next_logits = logits[:, -1]
+            if attn_mask is None:  # every row is at position T + step
+                step_rope, self_mask = (cos[T + step:T + step + 1], sin[T + step:T + step + 1]), None
+            else:  # each row at its own position (right padding); keys up to this step's slot in the cache
+                pos = lengths + step
+                step_rope = (cos[pos][:, None, None], sin[pos][:, None, None])  # (B, 1, 1, hd)
+                self_mask = key_valid[:, None, None, :T + step + 1]
+            logits, _ = self(embed(tok[:, None]), memory_kv, rope_cs=step_rope, self_mask=self_mask, caches=caches)
+
+    @torch.no_grad()
+    def generate(self, embed, ids, attn_mask=None, memory_kv=None, eos_id=None, **sampling):
+        """Run stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
+        tokens = torch.stack(list(self.stream(embed, ids, attn_mask, memory_kv, eos_id=eos_id, **sampling)), dim=1)
+        lengths = torch.full((ids.size(0),), tokens.size(1), device=ids.device)
+        if eos_id is not None:
+            is_eos = tokens == eos_id
+            lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, lengths)
+        return tokens, lengths
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -411,16 +424,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def collect(stream, B, eos_id, device):
-    """Run a token stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
-    tokens = torch.stack(list(stream), dim=1)  # (B, N)
-    lengths = torch.full((B,), tokens.size(1), device=device)
-    if eos_id is not None:
-        is_eos = tokens == eos_id
-        lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, lengths)
-    return tokens, lengths
-
-
 def token_loss(logits, targets):
     """Mean cross-entropy over the targets that count. logits (B, T, V); targets (B, T): targets[:, t] is the token
     logits[:, t] should predict, -100 where nothing counts (padding, the query of an interaction)."""
@@ -431,6 +434,13 @@ def token_accuracy(logits, targets):
     """Share of the counted targets that the argmax of the logits gets right."""
     counted = targets != -100
     return (logits.argmax(dim=-1) == targets)[counted].float().mean()
+
+
+def token_logprobs(logits, ids):
+    """Log-prob of each next token of ids under logits (B, T, V), and the entropy of each prediction, both (B, T-1):
+    the policy of the MRL phase."""
+    logp_all = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(dim=-1)
 
 
 class MLMHead(nn.Module):
@@ -446,6 +456,21 @@ class MLMHead(nn.Module):
         return self.out(self.norm(F.gelu(self.dense(h))))
 
 
+class Critic(nn.Module):
+    """The value function V(s) of the MRL phase (training only): an encoder copy reads the query, a head adds memory."""
+
+    def __init__(self, model):
+        super().__init__()
+        D = model.cfg.d_model
+        self.embed, self.encoder = deepcopy(model.embed), deepcopy(model.encoder)
+        self.head = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 1))
+
+    def forward(self, ids, attn_mask, stm):  # (B, T), (B, T), (L, B, S, D) -> (B,)
+        h = self.encoder(self.embed(ids), attn_mask)[-1]
+        pooled = (h * attn_mask[..., None]).sum(dim=1) / attn_mask.sum(dim=1, keepdim=True)
+        return self.head(torch.cat([pooled, stm.mean(dim=(0, 2))], dim=-1)).squeeze(-1)
+
+
 # -----------------------------------------------------------------------------
 # Memory attention: the write path into the Short-Term Memory. The STM (L, B, S, D) holds S slots per layer; it is
 # state, passed around like an RNN's hidden state. A write is attention with the old slots as queries and the encoded
@@ -453,10 +478,17 @@ class MLMHead(nn.Module):
 # turn after turn; the sigmoid gate makes every write a convex mix, so it stays bounded.
 
 
-class ResidualGate(nn.Module):
-    """Sigmoid gate of a memory write: STM_t = (1 - G) * STM_{t-1} + G * Update, one G per slot (B, S, 1)."""
+def memory_attention_heads(cfg):
+    """The attention that reads or writes the STM (decoder memory cross-attention, memory attention)."""
+    h = cfg.memory_heads
+    return Attention(cfg.d_model, cfg.n_heads, h or cfg.n_q_heads, h or cfg.n_kv_heads, qk_norm=cfg.memory_qk_norm)
 
-    def __init__(self, kind, n_slots):
+
+class ResidualGate(nn.Module):
+    """Sigmoid gate of a memory write: STM_t = (1 - G) * STM_{t-1} + G * Update; G per slot (B, S, 1) or per
+    element (B, S, D)."""
+
+    def __init__(self, kind, n_slots, d_model):
         super().__init__()
         self.kind = kind
         if kind == "static":  # G = sigmoid(w), a learned constant per slot
@@ -466,12 +498,16 @@ class ResidualGate(nn.Module):
             self.b = nn.Parameter(torch.full((n_slots,), -1.0))
         elif kind == "linear":  # G = sigmoid(Linear(S, S)(mean_D(STM + Update))): mixes evidence across slots (Micro)
             self.lin = nn.Linear(n_slots, n_slots)
+        elif kind == "per-element":  # G = sigmoid(W (STM + Update) + b), W (D, D): the content decides (the paper's)
+            self.lin = nn.Linear(d_model, d_model)
 
     def forward(self, stm, update):  # (B, S, D) each
         if self.kind == "none":  # plain residual: norms grow turn after turn (kept to show why the gate exists)
             return stm + update
         if self.kind == "static":
             g = torch.sigmoid(self.w)  # (S, 1)
+        elif self.kind == "per-element":
+            g = torch.sigmoid(self.lin(stm + update))  # (B, S, D)
         else:
             m = (stm + update).mean(dim=-1)  # (B, S)
             g = torch.sigmoid(self.w * m + self.b if self.kind == "per-slot" else self.lin(m))[..., None]  # (B, S, 1)
@@ -489,13 +525,13 @@ class MemoryAttentionLayer(nn.Module):
         self.variant = cfg.memory_attention
         if self.variant != "simple":  # STM -> STM first: no positions anywhere
             self.pre_norm_q, self.pre_norm_kv = nn.RMSNorm(D), nn.RMSNorm(D)
-            self.pre_attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
-            self.pre_gate = ResidualGate(cfg.gate_type, S)
+            self.pre_attn = memory_attention_heads(cfg)
+            self.pre_gate = ResidualGate(cfg.gate_type, S, D)
             if self.variant == "self-interlayer":
                 self.mix = nn.Parameter(torch.zeros(S, 1))  # sigmoid(0) = 0.5: half own layer, half the mean
         self.norm_stm, self.norm_ed = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.attn = Attention(D, cfg.n_heads, cfg.n_q_heads, cfg.n_kv_heads)
-        self.gate = ResidualGate(cfg.gate_type, S)
+        self.attn = memory_attention_heads(cfg)
+        self.gate = ResidualGate(cfg.gate_type, S, D)
 
     def forward(self, stm_l, stm_mean, ed_l, ed_rope, ed_mask):
         # stm_l, stm_mean (B, S, D); ed_l (B, T, D); ed_mask (B, 1, 1, T) or None
@@ -522,7 +558,8 @@ class MemoryAttention(nn.Module):
         self.layers = nn.ModuleList(MemoryAttentionLayer(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, stm, ed, ed_mask=None):  # stm (L, B, S, D), ed (L, B, T, D), ed_mask (B, T) -> (L, B, S, D)
-        ed_rope = rope(torch.arange(ed.size(2), device=ed.device), self.cfg.head_dim, self.cfg.rope_base)
+        ed_rope = rope(torch.arange(ed.size(2), device=ed.device), self.cfg.head_dim, self.cfg.rope_base) \
+            if self.cfg.memory_rope else None
         key_mask = None if ed_mask is None else ed_mask[:, None, None, :]
         stm_mean = stm.mean(dim=0)  # (B, S, D): what the inter-layer variants attend to
         return torch.stack([layer(stm[l], stm_mean, ed[l], ed_rope, key_mask) for l, layer in enumerate(self.layers)])
@@ -539,9 +576,9 @@ def init_weights(module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, MoEFeedForward):
-            for w in (m.w_gate, m.w_up, m.w_down):
+            for w in (m.w_gate_up, m.w_down):
                 nn.init.normal_(w, std=0.02)
-        if isinstance(m, ResidualGate) and m.kind == "linear":
+        if isinstance(m, ResidualGate) and m.kind in ("linear", "per-element"):
             nn.init.constant_(m.lin.bias, -1.0)  # start with small gates: memory changes gradually
 
 
@@ -551,14 +588,11 @@ def count_params(module):
 
 class ReactiveTransformer(nn.Module):
     """RxT: a decoder that answers reading the STM, an encoder + memory attention that write each interaction into it.
-
     The STM (L, B, S, D) is explicit state, passed around like an RNN hidden state:
         stm = model.new_memory(1)
         for tok in model.interact(query_ids, stm, eos_id=eos): ...      # answer, reading STM_{t-1}
         stm = model.update_memory(stm, interaction_ids)                   # write the turn: STM_t
-    Losses live here too, as in nanoGPT: decode(..., targets) and mlm(...) return them; targets use -100 for
-    positions that do not count (padding, the query of an interaction, unmasked tokens).
-    """
+    Losses live here too, as in nanoGPT: decode(..., targets) and mlm(...) return them (targets: -100 = ignored)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -569,13 +603,17 @@ class ReactiveTransformer(nn.Module):
         self.memory_attention = MemoryAttention(cfg)
         self.mlm_head = MLMHead(cfg)
         init_weights(self)
+        # learned initial slots give every slot an identity that the write can specialise (a deviation; see README)
+        self.stm_init = nn.Parameter(0.02 * torch.randn(cfg.n_layers, cfg.stm_size, cfg.d_model)) \
+            if cfg.stm_init == "learned" else None
 
-    def new_memory(self, batch_size, generator=None):
-        """A fresh STM (L, B, S, D) of small Gaussian noise."""
+    def new_memory(self, batch_size, generator=None, std=None):
+        """A fresh STM (L, B, S, D): Gaussian noise of std (default stm_init_std), around the learned slots if any."""
         c = self.cfg
         device = self.embed.weight.device if generator is None else generator.device
         stm = torch.randn(c.n_layers, batch_size, c.stm_size, c.d_model, generator=generator, device=device)
-        return (stm * c.stm_init_std).to(self.embed.weight.device)
+        stm = (stm * (c.stm_init_std if std is None else std)).to(self.embed.weight.device)
+        return stm if self.stm_init is None else stm + self.stm_init[:, None]
 
     def encode(self, ids, attn_mask=None, stm=None):
         """Encoded data ED (L, B, T, D) of a full interaction (stm: only for the Mini-Base encoder's cross-attention)."""
@@ -616,14 +654,9 @@ class ReactiveTransformer(nn.Module):
                 return
             yield tok.item()
 
-    @torch.no_grad()
-    def generate(self, query_ids, query_mask, stm, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
-                 eos_id=None, generator=None):
-        """Batched answers for right-padded queries (B, T): tokens (B, N) and lengths (B,) counting the [EOS]."""
-        memory_kv = self.decoder.project_memory(stm)
-        return collect(self.decoder.stream(self.embed, query_ids, query_mask, memory_kv, max_new_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                                           generator=generator), query_ids.size(0), eos_id, query_ids.device)
+    def generate(self, query_ids, query_mask, stm, **sampling):
+        """Batched answers for right-padded queries (B, T) reading the STM: tokens (B, N), lengths (B,) with [EOS]."""
+        return self.decoder.generate(self.embed, query_ids, query_mask, self.decoder.project_memory(stm), **sampling)
 
     def compile(self, **kwargs):
         """torch.compile the parts training calls, in place (state_dict keys stay clean: no _orig_mod. prefix)."""
@@ -635,14 +668,10 @@ class ReactiveTransformer(nn.Module):
         c, emb = self.cfg, count_params(self.embed)
         dec = emb + count_params(self.decoder)
         expert = 3 * c.d_model * c.expert_dim
-        return {
-            "encoder": emb + count_params(self.encoder),
-            "decoder": dec,
-            "decoder_active": dec - c.n_layers * (c.n_experts - c.top_k) * expert,
-            "memory_attention": count_params(self.memory_attention),
-            "mlm_head": count_params(self.mlm_head),
-            "total": count_params(self),
-        }
+        return {"encoder": emb + count_params(self.encoder), "decoder": dec,
+                "decoder_active": dec - c.n_layers * (c.n_experts - c.top_k) * expert,
+                "memory_attention": count_params(self.memory_attention), "mlm_head": count_params(self.mlm_head),
+                "total": count_params(self)}
 
 
 # -----------------------------------------------------------------------------
@@ -667,9 +696,6 @@ class StatelessDecoder(nn.Module):
     def compile(self, **kwargs):
         self.decoder.compile(**kwargs)
 
-    @torch.no_grad()
-    def generate(self, ids, attn_mask=None, *, max_new_tokens=64, temperature=1.0, top_k=None, top_p=None,
-                 eos_id=None, generator=None):
-        return collect(self.decoder.stream(self.embed, ids, attn_mask, None, max_new_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                                           generator=generator), ids.size(0), eos_id, ids.device)
+    def generate(self, ids, attn_mask=None, **sampling):
+        """Batched answers for right-padded prompts (B, T): the whole conversation so far in each."""
+        return self.decoder.generate(self.embed, ids, attn_mask, None, **sampling)

@@ -5,6 +5,7 @@ warmup + cosine, checkpoints (self-contained, atomic, exact resume), and the tra
 (start, update, evaluate, checkpoint, finish) that a stage with its own loop (MRL) uses too.
 """
 
+import argparse
 import ast
 import contextlib
 import math
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import ModelConfig, ReactiveTransformer, get_config
+from model import ModelConfig, ReactiveTransformer, StatelessDecoder, get_config
 
 # -----------------------------------------------------------------------------
 # User errors: one clear line, a non-zero exit, nothing written
@@ -35,11 +36,11 @@ class CheckpointError(UserError):
     pass
 
 
-def cli(main):
+def cli(main, argv=None):
     """Run main(argv) for a command-line entry point: a UserError ends with `error: ...` and exit 2 (bad
     configuration) or 1 (bad files or data); Ctrl-C with a hint that the run resumes."""
     try:
-        result = main(sys.argv[1:])
+        result = main(sys.argv[1:] if argv is None else argv)
         if dist.is_initialized():
             dist.destroy_process_group()
         return result
@@ -49,6 +50,14 @@ def cli(main):
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts that take --flag value (bench.py, python -m data.*): a bad flag is a ConfigError,
+    reported by cli() like every other user error."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +102,61 @@ def configure(defaults, argv):
     return cfg
 
 
+def check(cfg, **rules):
+    """Check settings before any work: each rule is key=(test, what the value must be). The first that fails is a
+    ConfigError naming the key, its value and the rule."""
+    for key, (test, what) in rules.items():
+        try:
+            ok = test(cfg[key])
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={cfg[key]!r}: must be {what}")
+
+
+def at_least(n):
+    return (lambda v: not isinstance(v, bool) and v >= n), f"a number >= {n}"
+
+
+def between(lo, hi):
+    return (lambda v: not isinstance(v, bool) and lo <= v <= hi), f"between {lo} and {hi}"
+
+
+POSITIVE = (lambda v: not isinstance(v, bool) and v > 0), "> 0"
+DISTANCES = (lambda v: isinstance(v, list) and v and all(isinstance(d, int) and d > 0 for d in v),
+             "a non-empty list of positive integers (turns between a fact and its question)")
+CURRICULUM = (lambda v: isinstance(v, list) and v and all(DISTANCES[0](entry) for entry in v),
+              "a non-empty list of non-empty lists of distances, e.g. [[1], [1, 2]]")
+TRAIN_RULES = dict(batch_size=at_least(1), max_iters=at_least(1), lr=POSITIVE, min_lr=at_least(0),
+                   warmup_iters=at_least(0), weight_decay=at_least(0), grad_clip=POSITIVE, eval_interval=at_least(1),
+                   eval_iters=at_least(1), log_interval=at_least(1), seq_len=at_least(8),
+                   dtype=((lambda v: v in ("auto", "float32", "bfloat16")), "auto, float32 or bfloat16"),
+                   model_args=((lambda v: isinstance(v, dict)), "a dict of ModelConfig fields"))
+
+
+def check_device(name):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' that this machine has, or 'mps'."""
+    if name in ("auto", "cpu") or (name == "mps" and torch.backends.mps.is_available()):
+        return
+    if name.startswith("cuda"):
+        index = name.partition(":")[2]
+        if torch.cuda.is_available() and (not index or (index.isdigit() and int(index) < torch.cuda.device_count())):
+            return
+        raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use --device=cpu or --device=auto")
+    raise ConfigError(f"device={name!r}: must be auto, cpu, cuda, cuda:N or mps")
+
+
+WORLD_HINT = "build the offline world with: python -m data.memory_world --out_dir data/cache/world"
+
+
+def require_files(folder, names, hint=WORLD_HINT):
+    """Each file must exist in folder; else a UserError that says how to make it."""
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise UserError(f"{', '.join(missing)} not found in {folder} ({hint})")
+
+
 # -----------------------------------------------------------------------------
 # Device, precision, distributed (torchrun)
 
@@ -102,8 +166,13 @@ def resolve_device(name):
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def setup(cfg):
-    """Device, autocast context and (rank, world_size) for this process; under torchrun also the process group."""
+def setup(cfg, rules=None):
+    """Check the settings (TRAIN_RULES for the keys cfg has, and the stage's own rules); then the device, autocast
+    context and (rank, world_size) for this process; under torchrun also the process group."""
+    check(cfg, **{k: rule for k, rule in TRAIN_RULES.items() if k in cfg}, **(rules or {}))
+    if "min_lr" in cfg and cfg["min_lr"] > cfg["lr"]:
+        raise ConfigError(f"min_lr={cfg['min_lr']} is above lr={cfg['lr']}: the schedule decays from lr to min_lr")
+    check_device(cfg["device"])
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
     cfg["device"] = resolve_device(cfg["device"])
@@ -147,12 +216,17 @@ def device_generator(g_cpu, device, seed=None):
 
 
 def make_optimizer(params, cfg, device):
-    """AdamW; weight decay on matrices only (not norms, biases or gates); fused on CUDA."""
+    """AdamW; weight decay on matrices only (not norms, biases or gates); the fused kernel where PyTorch has one
+    (CUDA and CPU), the default implementation elsewhere."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), fused=device.type == "cuda")
+    try:
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, ValueError) as e:  # a device (or dtype) without a fused kernel
+        print(f"(no fused AdamW on {device.type}: {str(e)[:100]}; using the default AdamW)")
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95))
 
 
 def lr_at(step, cfg):
@@ -173,6 +247,7 @@ def save_checkpoint(path, model, *, stage, step, cfg, tokenizer=None, optimizer=
     ckpt = {
         "model": model.state_dict(),  # the plain module: compile() in place adds no _orig_mod. prefix
         "model_config": asdict(model.cfg),
+        "model_kind": type(model).__name__,  # ReactiveTransformer, or the StatelessDecoder baseline
         "tokenizer": None if tokenizer is None else {"ranks": tokenizer.ranks},
         "stage": stage,
         "step": step,
@@ -206,7 +281,11 @@ def model_from_checkpoint(ckpt, path="checkpoint", device="cpu"):
         mcfg = ModelConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model config: {e}")
-    model = ReactiveTransformer(mcfg)
+    kinds = {"ReactiveTransformer": ReactiveTransformer, "StatelessDecoder": StatelessDecoder}
+    kind = ckpt.get("model_kind", "ReactiveTransformer")
+    if kind not in kinds:
+        raise CheckpointError(f"{path}: unknown model kind {kind!r}")
+    model = kinds[kind](mcfg)
     load_weights(model, ckpt["model"], path)
     return model.to(device)
 
@@ -260,10 +339,12 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-def init_model(cfg, tokenizer, device):
+def init_model(cfg, tokenizer, device, kind=ReactiveTransformer):
     """A fresh model of cfg's preset (vocab from the tokenizer), or the previous stage's weights from init_from."""
     if cfg["init_from"]:
         model = model_from_checkpoint(load_checkpoint(cfg["init_from"], device), cfg["init_from"], device)
+        if not isinstance(model, kind):
+            raise CheckpointError(f"{cfg['init_from']} holds a {type(model).__name__}, this stage trains a {kind.__name__}")
         if model.cfg.vocab_size != tokenizer.vocab_size:
             raise CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer {tokenizer.vocab_size}")
         return model
@@ -271,7 +352,7 @@ def init_model(cfg, tokenizer, device):
         mcfg = get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e))
-    return ReactiveTransformer(mcfg).to(device)
+    return kind(mcfg).to(device)
 
 
 def start(cfg, model, params, *, stage, device, rank=0, extra_modules=None):

@@ -58,9 +58,10 @@ def naive_attention(attn, x, kv, mask=None):
     """Attention written out with explicit matmuls and repeated kv heads."""
     B, T, _ = x.shape
     hd, Hq, Hkv = attn.hd, attn.n_q, attn.n_kv
-    q = (x @ attn.q_proj.weight.T).view(B, T, Hq, hd).transpose(1, 2)
-    k = (kv @ attn.k_proj.weight.T).view(B, -1, Hkv, hd).transpose(1, 2)
-    v = (kv @ attn.v_proj.weight.T).view(B, -1, Hkv, hd).transpose(1, 2)
+    w_q, w_k, w_v = attn.qkv_proj.weight.split([Hq * hd, Hkv * hd, Hkv * hd])  # rows [q | k | v]
+    q = (x @ w_q.T).view(B, T, Hq, hd).transpose(1, 2)
+    k = (kv @ w_k.T).view(B, -1, Hkv, hd).transpose(1, 2)
+    v = (kv @ w_v.T).view(B, -1, Hkv, hd).transpose(1, 2)
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)  # (B, Hq, T, M)
@@ -87,7 +88,7 @@ def test_attention_family_matches_naive_attention(H, Hq, Hkv):
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     torch.testing.assert_close(attn(x, is_causal=True), naive_attention(attn, x, x, causal), atol=1e-5, rtol=1e-5)
     # SQA's point: the query (and output) projections shrink with Hq
-    assert attn.q_proj.weight.shape == (Hq * 64 // H, 64) and attn.k_proj.weight.shape == (Hkv * 64 // H, 64)
+    assert attn.qkv_proj.weight.shape == ((Hq + 2 * Hkv) * 64 // H, 64) and attn.out_proj.weight.shape == (64, Hq * 64 // H)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -149,8 +150,9 @@ def test_kv_cache_matches_full_forward():
     caches = [model.KVCache(30) for _ in m.decoder.layers]
     logits, _ = m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # prompt
     steps = [logits]
+    cos, sin = model.rope(torch.arange(30), m.cfg.head_dim, m.cfg.rope_base)
     for t in range(6, 30):  # then one token per forward
-        logits, _ = m.decoder(m.embed(ids[:, t:t + 1]), memory_kv, positions=torch.tensor([t]), caches=caches)
+        logits, _ = m.decoder(m.embed(ids[:, t:t + 1]), memory_kv, rope_cs=(cos[t:t + 1], sin[t:t + 1]), caches=caches)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -219,7 +221,7 @@ def stm_norm_after_updates(gate_type, n=100):
     return stm.norm(dim=-1).mean().item()
 
 
-@pytest.mark.parametrize("gate_type", ["static", "per-slot", "linear"])
+@pytest.mark.parametrize("gate_type", ["static", "per-slot", "per-element", "linear"])
 def test_gate_keeps_memory_bounded(gate_type):
     gated, plain = stm_norm_after_updates(gate_type), stm_norm_after_updates("none")
     m = tiny_model()
@@ -253,7 +255,8 @@ def test_moe_matches_naive_per_token_loop():
             w, e = p.topk(2)
             w = w / w.sum()
             for wi, ei in zip(w, e):
-                h = F.silu(x[b, t] @ moe.w_gate[ei]) * (x[b, t] @ moe.w_up[ei])
+                w_gate, w_up = moe.w_gate_up[ei].chunk(2, dim=-1)
+                h = F.silu(x[b, t] @ w_gate) * (x[b, t] @ w_up)
                 expected[b, t] += wi * (h @ moe.w_down[ei])
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
@@ -276,7 +279,7 @@ def test_every_expert_gets_gradients():
     model.init_weights(moe)
     y, aux = moe(torch.randn(4, 32, 16))
     (y.pow(2).sum() + aux).backward()
-    for w in (moe.w_gate, moe.w_up, moe.w_down):
+    for w in (moe.w_gate_up, moe.w_down):
         assert (w.grad.flatten(1).abs().sum(1) > 0).all()
     assert moe.router.weight.grad.abs().sum() > 0
 
@@ -306,3 +309,125 @@ def test_sampling_respects_top_k_and_top_p():
     assert set(model.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
     assert set(model.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert p[0] > 0.5
+
+
+# --- the memory write, pinned down ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["static", "per-slot", "per-element", "linear"])
+def test_gate_zero_keeps_the_memory_and_gate_one_writes_the_update(kind):
+    gate = model.ResidualGate(kind, n_slots=8, d_model=32)
+    stm, update = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    for value, want in ((-1e4, stm), (1e4, update)):  # sigmoid saturates: G = 0, then G = 1
+        with torch.no_grad():
+            for p in gate.parameters():
+                p.zero_()
+            (gate.w if kind == "static" else gate.b if kind == "per-slot" else gate.lin.bias).fill_(value)
+        torch.testing.assert_close(gate(stm, update), want)
+
+
+@pytest.mark.parametrize("kind", ["per-slot", "per-element", "linear"])
+def test_a_content_gate_responds_to_what_it_mixes(kind):
+    torch.manual_seed(0)
+    gate = model.ResidualGate(kind, n_slots=8, d_model=32)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(std=1.0)
+    stm, update = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    share = lambda s, u: ((gate(s, u) - s) / (u - s))  # G, recovered from the mix
+    assert not torch.allclose(share(stm, update), share(stm, 3 * update + 1), atol=1e-3)
+
+
+def test_memory_attention_variants_compute_different_writes_from_shared_weights():
+    """The variants share the main write; each adds its own STM -> STM step. With the same weights their writes
+    differ, and only the inter-layer ones read the other layers' slots."""
+    torch.manual_seed(0)
+    models = {v: tiny_model(memory_attention=v) for v in ["simple", "self", "interlayer", "self-interlayer"]}
+    for v, m in models.items():  # every shared parameter name gets the same values
+        m.load_state_dict(models["self-interlayer"].state_dict(), strict=False)
+    stm, ids = models["simple"].new_memory(1) * 50, torch.randint(0, 97, (1, 10))
+    writes = {v: m.update_memory(stm, ids) for v, m in models.items()}
+    names = list(writes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.allclose(writes[a], writes[b], atol=1e-4), (a, b)
+    other = stm.clone()
+    other[1:] = torch.randn_like(other[1:]) * 50  # change every layer but the first
+    for v, m in models.items():
+        first_layer_changed = not torch.allclose(m.update_memory(other, ids)[0], writes[v][0], atol=1e-5)
+        assert first_layer_changed == (v in ("interlayer", "self-interlayer")), v
+
+
+@pytest.mark.parametrize("memory_rope", [True, False])
+def test_the_write_reads_token_order_only_where_the_model_says(memory_rope):
+    """Permuting the ED rows changes the write when the write's keys carry positions, and not otherwise (the order
+    is then in the encoder's own RoPE); permuting the interaction's tokens changes the write either way."""
+    m = tiny_model(memory_rope=memory_rope)
+    with torch.no_grad():  # sharp attention: at init (weights ~0.02) the encoder barely sees positions
+        for layer in m.encoder.layers:
+            layer.attn.qkv_proj.weight.mul_(20)
+    stm, ids = m.new_memory(1) * 50, torch.randint(0, 97, (1, 10))
+    perm = torch.randperm(10)
+    ed = m.encode(ids)
+    same = m.memory_attention(stm, ed)
+    permuted = m.memory_attention(stm, ed[:, :, perm])
+    assert torch.allclose(same, permuted, atol=1e-5) != memory_rope
+    assert not torch.allclose(same, m.update_memory(stm, ids[:, perm]), atol=1e-5)
+
+
+def test_self_attention_sees_token_order():
+    """One layer without positions would see the earlier tokens as a bag: its last logits would not change when two
+    of them swap. The decoder's and the encoder's RoPE make them change."""
+    m = tiny_model(n_layers=1)
+    with torch.no_grad():  # sharp attention: at init (weights ~0.02) positions barely show
+        m.decoder.layers[0].self_attn.qkv_proj.weight.mul_(20)
+        m.encoder.layers[0].attn.qkv_proj.weight.mul_(20)
+    stm = m.new_memory(1)
+    ids = torch.randint(0, 97, (1, 12))
+    swapped = ids.clone()
+    swapped[0, [2, 7]] = ids[0, [7, 2]]
+    assert not torch.allclose(m.decode(ids, stm)[0][:, -1], m.decode(swapped, stm)[0][:, -1], atol=1e-4)
+    assert not torch.allclose(m.encode(ids)[-1, :, -1], m.encode(swapped)[-1, :, -1], atol=1e-4)
+
+
+def test_decoder_ignores_masked_memory():
+    m = tiny_model()
+    ids, memory = torch.randint(0, 97, (1, 8)), torch.randn(2, 1, 6, 32)
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    hidden, _, _ = m.decode(ids, memory, mask)
+    torch.testing.assert_close(hidden, m.decode(ids, memory[:, :, :3])[0], atol=1e-5, rtol=1e-5)
+    garbage = memory.clone()
+    garbage[:, :, 3:] = 1e3
+    torch.testing.assert_close(hidden, m.decode(ids, garbage, mask)[0], atol=1e-5, rtol=1e-5)
+
+
+# --- losses --------------------------------------------------------------------------------------------------------
+
+def test_token_loss_and_accuracy_on_hand_built_logits():
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 0, 2] = logits[0, 1, 1] = logits[0, 2, 3] = 10.0  # argmax 2, 1, 3
+    targets = torch.tensor([[2, 0, -100]])  # right, wrong, ignored
+    want = -(F.log_softmax(logits[0, :2], -1)[[0, 1], [2, 0]]).mean()
+    torch.testing.assert_close(model.token_loss(logits, targets), want)
+    assert model.token_accuracy(logits, targets).item() == 0.5
+
+
+def test_mlm_loss_is_the_head_cross_entropy_on_masked_positions_only():
+    m = tiny_model()
+    ids = torch.randint(8, 97, (2, 10))
+    targets = torch.full_like(ids, -100)
+    targets[0, 3], targets[1, 7] = ids[0, 3], ids[1, 7]
+    masked = ids.masked_fill(targets != -100, 4)
+    ed, loss, acc = m.mlm(masked, torch.ones_like(ids, dtype=torch.bool), targets)
+    logits = m.mlm_head(m.encode(masked)[-1])
+    want = F.cross_entropy(torch.stack([logits[0, 3], logits[1, 7]]), torch.stack([ids[0, 3], ids[1, 7]]))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(ed, m.encode(masked))
+
+
+def test_balancing_loss_gradient_reaches_the_router():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, n_experts=4, top_k=2, hidden=8)
+    model.init_weights(moe)
+    _, aux = moe(torch.randn(2, 16, 16))
+    aux.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
