@@ -186,6 +186,21 @@ def baseline_turn(model, history, query, device):
     return dict(prefill=t1 - t0, generation=t2 - t1, update=0.0, tokens=ids.size(1) + len(answer))
 
 
+def decode_ops(name, model, query, device, amp):
+    """ATen ops per generated token at turn 1 (after the prompt), counted by torch.profiler: how much of a token's
+    time is dispatch rather than arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode(), amp:
+        if name == "rxt":
+            tokens = model.interact(query, model.new_memory(1), temperature=0, max_new_tokens=ANSWER_LEN)
+        else:
+            tokens = model.decoder.stream(model.embed, query[None], None, None, max_new_tokens=ANSWER_LEN, temperature=0)
+        next(tokens)  # the prompt
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            n = sum(1 for _ in tokens)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / n
+
+
 def run_conversation(name, model, queries, device, amp):
     """One conversation over all queries; per-turn timings and the peak memory while it ran."""
     reset_peak_memory(device)
@@ -236,6 +251,10 @@ def bench_conversation(args, device, amp, quiet=False):
     full = [t["user"] + t["update"] for t in rxt["per_turn"]]
     result["rxt_decode_tokens_per_s"] = statistics.median(decode)
     result["rxt_full_turn_s"] = statistics.median(full)
+    for name in ("rxt", "baseline"):  # one generated token: its time (median over the turns) and its ATen ops
+        result[name]["decode_token_s"] = statistics.median(t["generation"] / (ANSWER_LEN - 1)
+                                                            for t in result[name]["per_turn"])
+        result[name]["aten_ops_per_token"] = decode_ops(name, models[name], queries[0], device, amp)
     if quiet:
         return result
 
@@ -249,11 +268,13 @@ def bench_conversation(args, device, amp, quiet=False):
                 f"(ms, median of {args.repeats}; user = prefill + generation; RxT's update is off the user's path)",
                 ["turn", "RxT prefill", "gen", "update", "user", "tokens", "base prefill", "gen", "user", "tokens"],
                 rows)
-    print_table(f"   summary over {N} turns",
+    print_table(f"   summary over {N} turns (decode: one generated token at batch 1, median over the turns; ATen "
+                f"ops counted at turn 1)",
                 ["model", f"turn-{N}/turn-1 user", f"turn-{N}/turn-1 prefill", "total user s", "total+update s",
-                 "tokens processed"],
+                 "tokens processed", "decode ms/token", "ATen ops/token"],
                 [[n, f"{r['turn_n_over_turn_1']:.2f}x", f"{r['prefill_turn_n_over_turn_1']:.2f}x",
-                  f"{r['total_user_s']:.2f}", f"{r['total_with_update_s']:.2f}", r["tokens_processed"]]
+                  f"{r['total_user_s']:.2f}", f"{r['total_with_update_s']:.2f}", r["tokens_processed"],
+                  f"{r['decode_token_s'] * 1e3:.2f}", f"{r['aten_ops_per_token']:.0f}"]
                  for n, r in (("RxT", rxt), ("baseline", base))])
     print(f"   baseline / RxT total user-facing time: {result['total_user_baseline_over_rxt']:.2f}x;  "
           f"RxT at batch 1: {result['rxt_decode_tokens_per_s']:.0f} generated tokens/s, full turn "
@@ -425,7 +446,7 @@ def bench_memory(args, device, amp, conversation):
     L, Hkv, hd, S, D = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.stm_size, cfg.d_model
     probe = M.Attention(D, cfg.n_heads, cfg.n_q_heads, Hkv).to(device)
     with torch.inference_mode(), amp:
-        kv_bytes = probe.k_proj(torch.zeros(1, 1, D, device=device)).element_size()  # cache dtype (bf16 under amp)
+        kv_bytes = probe.qkv_proj(torch.zeros(1, 1, D, device=device)).element_size()  # cache dtype (bf16 under amp)
     stm_bytes = L * S * D * 4  # fp32 state, batch 1
     per_turn_tokens = QUERY_LEN + ANSWER_LEN
     rxt_turn_cache = 2 * L * Hkv * hd * (per_turn_tokens + S) * kv_bytes  # this turn's self-attn KV + the STM's K/V

@@ -19,6 +19,7 @@ import torch
 
 import training
 from data.loaders import collate_queries
+from model import ReactiveTransformer
 
 DEFAULTS = dict(
     ckpt="out/nano/mrl/ckpt.pt",
@@ -96,11 +97,17 @@ class Session:
 def load(cfg):
     if not os.path.isfile(cfg["ckpt"]):
         raise training.CheckpointError(f"checkpoint not found: {cfg['ckpt']} (train one with: python demo.py)")
-    return training.load_for_inference(cfg["ckpt"], cfg["device"])
+    model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
+    if not isinstance(model, ReactiveTransformer):
+        raise training.CheckpointError(f"{cfg['ckpt']} holds the stateless baseline; chat.py talks to an RxT model")
+    return model, tok, ckpt
 
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
+    training.check(cfg, temperature=training.at_least(0), top_k=training.at_least(0),
+                   top_p=training.between(0.01, 1), max_new_tokens=training.at_least(1))
+    training.check_device(cfg["device"])
     model, tok, ckpt = load(cfg)
     if not 0 < cfg["max_new_tokens"] <= model.cfg.seq_len // 2:
         raise training.ConfigError(f"max_new_tokens must be in 1..{model.cfg.seq_len // 2} (the model's interactions "

@@ -4,6 +4,8 @@ stage of the curriculum on 2 CPU cores, evaluate its memory, write a report card
 
     python demo.py              # ~15 minutes on 2 CPU cores, then chat.py
     python demo.py --no-chat    # for scripts
+    python demo.py --baseline   # then also train and evaluate the stateless baseline: the paper's comparison
+    python demo.py --device=cpu --dtype=float32 --compile=False   # passed to every training stage
 Re-running reuses finished stages (each stage resumes from its checkpoint, or sees it is done).
 Every stage is the documented command of its script, so the demo is also the recipe.
 """
@@ -21,16 +23,22 @@ OUT = "out/nano"
 WORLD = "data/cache/world"
 
 
-def stages(extra):
+PASS_THROUGH = ("--device=", "--dtype=", "--compile=")  # flags every training stage takes
+
+
+def stages(extra, baseline):
     py = sys.executable
-    return [
-        ("world", [py, "-m", "data.memory_world", "--out_dir", WORLD]),
-        ("mlm", [py, "train_mlm.py", "config/nano_mlm.py", *extra]),
-        ("joint", [py, "train_joint.py", "config/nano_joint.py", *extra]),
-        ("sft", [py, "train_joint.py", "config/nano_sft.py", *extra]),
-        ("memory stages", [py, "train_mrl.py", "config/nano_mrl.py", *extra]),
-        ("eval", [py, "evaluate.py", f"--ckpt={OUT}/mrl/ckpt.pt", f"--out={OUT}/eval.json"]),
-    ]
+    rxt = [("world", [py, "-m", "data.memory_world", "--out_dir", WORLD]),
+           ("mlm", [py, "train_mlm.py", "config/nano_mlm.py", *extra]),
+           ("joint", [py, "train_joint.py", "config/nano_joint.py", *extra]),
+           ("sft", [py, "train_joint.py", "config/nano_sft.py", *extra]),
+           ("memory stages", [py, "train_mrl.py", "config/nano_mrl.py", *extra]),
+           ("eval", [py, "evaluate.py", f"--ckpt={OUT}/mrl/ckpt.pt", f"--out={OUT}/eval.json"])]
+    stateless = [("baseline lm", [py, "train_baseline.py", "config/nano_baseline_lm.py", *extra]),
+                 ("baseline", [py, "train_baseline.py", "config/nano_baseline.py", *extra]),
+                 ("baseline eval", [py, "evaluate.py", f"--ckpt={OUT}/baseline/ckpt.pt",
+                                    f"--out={OUT}/baseline/eval.json"])]
+    return rxt + (stateless if baseline else [])
 
 
 def stage_metrics(path):
@@ -85,11 +93,21 @@ def plot(results):
 
 
 def main(argv):
-    chat = "--no-chat" not in argv
-    extra = [a for a in argv if a != "--no-chat"]  # e.g. --device=cpu, passed to every training stage
+    unknown = [a for a in argv if a not in ("--no-chat", "--baseline") and not a.startswith(PASS_THROUGH)]
+    if unknown:
+        raise training.ConfigError(f"unknown option(s) {' '.join(unknown)}: demo.py takes --no-chat, --baseline and "
+                                   f"{', '.join(f + '...' for f in PASS_THROUGH)} (passed to every training stage)")
+    extra = [a for a in argv if a.startswith(PASS_THROUGH)]
+    for flag in extra:  # checked here, before the first stage, with the rules the stages use
+        key, _, value = flag[2:].partition("=")
+        if key == "device":
+            training.check_device(value)
+        else:
+            training.configure(training.TRAIN_DEFAULTS, [flag])
+            training.check({key: value}, **{key: training.TRAIN_RULES.get(key, (lambda v: True, ""))})
     os.makedirs(OUT, exist_ok=True)
     wall, t_start = {}, time.time()
-    for name, cmd in stages(extra):
+    for name, cmd in stages(extra, "--baseline" in argv):
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
@@ -99,11 +117,11 @@ def main(argv):
     total = time.time() - t_start
     print("\n" + report(wall))
     print(f"demo finished in {total / 60:.1f} min; report card: {OUT}/report.md")
-    if chat:
+    if "--no-chat" not in argv:
         print("\nNow chat with it (try: 'Mia has a red ball.' then a few other turns, then 'What colour is Mia's ball?')")
         return subprocess.run([sys.executable, "chat.py", f"--ckpt={OUT}/mrl/ckpt.pt"]).returncode
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(training.cli(main))

@@ -16,14 +16,17 @@ reset just before the probe - and the chance level of guessing among the slot's 
 """
 
 import json
+import math
 import os
 import re
 
 import torch
 
 import training
-from data.loaders import collate_interactions, collate_queries, episode_turns
+from data.loaders import (collate_dialogues, collate_interactions, collate_queries, episode_tensors, episode_turns,
+                          pad_rows, render_dialogue)
 from data.memory_world import SLOTS, read_jsonl
+from model import StatelessDecoder, token_accuracy, token_loss
 
 DEFAULTS = dict(
     ckpt="out/nano/mrl/ckpt.pt",
@@ -97,39 +100,87 @@ def chance(ep):
     return 1.0 / (len(values) - (ep["slot"] == "friend"))  # nobody is their own best friend
 
 
-@torch.no_grad()
-def answer(model, tok, queries, stm, max_new_tokens, seq_len):
-    """Greedy answers (text) to a batch of queries, reading stm."""
+# What a model remembers, for either kind: RxT's STM, or the whole history that the stateless baseline re-reads
+
+
+def fresh_memory(model, batch_size, g):
+    return [[] for _ in range(batch_size)] if isinstance(model, StatelessDecoder) else model.new_memory(batch_size, g)
+
+
+def write(model, tok, memory, records):
+    """The turns (records) join the memory: RxT writes them into its STM, the baseline adds them to its history."""
+    if isinstance(model, StatelessDecoder):
+        return [history + [r] for history, r in zip(memory, records)]
+    ids, attn_mask, _ = collate_interactions(tok, records, model.cfg.seq_len)
     device = model.embed.weight.device
-    q_ids, q_mask = collate_queries(tok, queries, seq_len, max_new_tokens)
-    ans, lengths = model.generate(q_ids.to(device), q_mask.to(device), stm, max_new_tokens=max_new_tokens,
-                                  temperature=0, eos_id=tok.eos_id)
+    return model.update_memory(memory, ids.to(device), attn_mask.to(device))
+
+
+@torch.no_grad()
+def answer(model, tok, queries, memory, max_new_tokens):
+    """Greedy answers (text) to a batch of queries, reading the memory."""
+    device, seq_len = model.embed.weight.device, model.cfg.seq_len
+    if isinstance(model, StatelessDecoder):  # the prompt is the whole conversation so far
+        prompt_len = seq_len - max_new_tokens - 1
+        ids, attn_mask = pad_rows([render_dialogue(tok, history, prompt_len, query=q)[0]
+                                   for history, q in zip(memory, queries)], tok.pad_id)
+        ans, lengths = model.generate(ids.to(device), attn_mask.to(device), max_new_tokens=max_new_tokens,
+                                      temperature=0, eos_id=tok.eos_id)
+    else:
+        ids, attn_mask = collate_queries(tok, queries, seq_len, max_new_tokens)
+        ans, lengths = model.generate(ids.to(device), attn_mask.to(device), memory, max_new_tokens=max_new_tokens,
+                                      temperature=0, eos_id=tok.eos_id)
     return [tok.decode([t for t in ans[b, :lengths[b]].tolist() if t != tok.eos_id]) for b in range(len(queries))]
 
 
 @torch.no_grad()
 def play(model, tok, episodes, cfg, reset_before_probe=False, own_answers=False):
-    """Per episode: 1 if the probe's greedy answer equals the gold word, else 0. Every turn before the probe is
-    written into memory - with its reference answer, or (own_answers) with the model's own greedy answer."""
-    device, seq_len = model.embed.weight.device, model.cfg.seq_len
-    g = torch.Generator(device).manual_seed(cfg["seed"])
+    """Per episode: 1 if the probe's greedy answer equals the gold word, else 0. Every turn before the probe joins
+    the memory - with its reference answer, or (own_answers) with the model's own greedy answer."""
+    g = torch.Generator(model.embed.weight.device).manual_seed(cfg["seed"])
     hits = []
     for i in range(0, len(episodes), cfg["batch_size"]):
         batch = episodes[i:i + cfg["batch_size"]]
         turns = [episode_turns(ep) for ep in batch]
-        stm = model.new_memory(len(batch), generator=g)
+        memory = fresh_memory(model, len(batch), g)
         for t in range(len(turns[0]) - 1):
             records = [tr[t] for tr in turns]
             if own_answers:
-                said = answer(model, tok, [r["query"] for r in records], stm, cfg["max_turn_answer"], seq_len)
+                said = answer(model, tok, [r["query"] for r in records], memory, cfg["max_turn_answer"])
                 records = [{"query": r["query"], "answer": a} for r, a in zip(records, said)]
-            ids, mask, _ = collate_interactions(tok, records, seq_len)
-            stm = model.update_memory(stm, ids.to(device), mask.to(device))
+            memory = write(model, tok, memory, records)
         if reset_before_probe:
-            stm = model.new_memory(len(batch), generator=g)
-        said = answer(model, tok, [tr[-1]["query"] for tr in turns], stm, cfg["max_answer"], seq_len)
+            memory = fresh_memory(model, len(batch), g)
+        said = answer(model, tok, [tr[-1]["query"] for tr in turns], memory, cfg["max_answer"])
         hits += [float(normalize(a) == normalize(ep["gold"])) for a, ep in zip(said, batch)]
     return hits
+
+
+@torch.no_grad()
+def answer_tokens(model, tok, episodes, cfg):
+    """Teacher-forced perplexity and accuracy on the answer tokens of every turn of the episodes: RxT reads the STM
+    that holds the earlier turns, the baseline reads the earlier turns themselves."""
+    device, seq_len = model.embed.weight.device, model.cfg.seq_len
+    g = torch.Generator(device).manual_seed(cfg["seed"])
+    loss_sum, correct, n = 0.0, 0.0, 0
+    for d in cfg["distances"]:
+        eps = [ep for ep in episodes if ep["distance"] == d][:cfg["n_per_distance"]]
+        for i in range(0, len(eps), cfg["batch_size"]):
+            batch = eps[i:i + cfg["batch_size"]]
+            if isinstance(model, StatelessDecoder):
+                steps = [[t.to(device) for t in collate_dialogues(tok, batch, seq_len)]]
+            else:
+                steps = episode_tensors(tok, batch, seq_len, device)
+            stm = fresh_memory(model, len(batch), g)
+            for ids, attn_mask, targets in steps:
+                logits = model(ids)[0] if isinstance(model, StatelessDecoder) else model.decode(ids, stm)[0]
+                counted = (targets != -100).sum().item()
+                loss_sum += token_loss(logits, targets).item() * counted
+                correct += token_accuracy(logits, targets).item() * counted
+                n += counted
+                if not isinstance(model, StatelessDecoder):
+                    stm = model.update_memory(stm, ids, attn_mask)
+    return {"ppl": math.exp(loss_sum / max(1, n)), "acc": correct / max(1, n), "tokens": n}
 
 
 def score(model, tok, episodes, cfg, **kw):
@@ -148,7 +199,7 @@ def score(model, tok, episodes, cfg, **kw):
 
 
 def evaluate_memory(model, tok, episodes, incontext, cfg):
-    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}}."""
+    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "answer_tokens": {...}}"""
     results = {"recall": {}, "binding": {}, "chat_flow": {}}
     for d in cfg["distances"]:
         eps = [ep for ep in episodes if ep["distance"] == d]
@@ -157,6 +208,7 @@ def evaluate_memory(model, tok, episodes, incontext, cfg):
         if cfg["chat_flow"]:
             results["chat_flow"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg, own_answers=True)
     results["in_context"] = score(model, tok, incontext, cfg)
+    results["answer_tokens"] = answer_tokens(model, tok, episodes, cfg)
     return results
 
 
@@ -185,13 +237,27 @@ def format_table(results):
     if ic:
         lines.append(f"in-context (one message, fresh memory): {ic['recall']:.1%} of {ic['n']} "
                      f"(chance {ic['chance']:.1%})")
+    a = results.get("answer_tokens")
+    if a:
+        lines.append(f"answer tokens of every turn, teacher-forced: perplexity {a['ppl']:.3f}, accuracy {a['acc']:.1%} "
+                     f"({a['tokens']} tokens)")
     return "\n".join(lines)
 
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
+    training.check(cfg, distances=training.DISTANCES, **{k: training.at_least(1) for k in (
+        "n_per_distance", "batch_size", "max_answer", "max_turn_answer")})
+    training.check_device(cfg["device"])
+    training.require_files(cfg["data_dir"], [cfg["episodes_file"]])
     model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
+    have = sorted({ep["distance"] for ep in episodes})
+    if set(cfg["distances"]) - set(have):
+        raise training.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
+    if cfg["max_turn_answer"] + 8 > model.cfg.seq_len or cfg["max_answer"] + 8 > model.cfg.seq_len:
+        raise training.ConfigError(f"max_answer and max_turn_answer leave no room for a query in the model's "
+                                   f"{model.cfg.seq_len}-token interactions")
     ic_path = os.path.join(cfg["data_dir"], cfg["incontext_file"])
     incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
     results = evaluate_memory(model, tok, episodes, incontext, cfg)

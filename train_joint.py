@@ -24,12 +24,16 @@ from data.tokenizer import Tokenizer
 from model import token_accuracy
 
 DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", seq_len=128, mask_prob=0.15, noise_std=0.15,
-                aux_weight=0.01, sft=False, sft_file="interactions.jsonl", out_dir="out/nano/joint")
+                aux_weight=0.01, sft=False, sft_file="interactions.jsonl", out_dir="out/nano/joint",
+                ed_swap=0.0)  # share of rows whose decoder reads another row's ED (see loss_fn)
 
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg)
+    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=training.between(0.01, 0.9), ed_swap=training.between(
+        0, 1), noise_std=training.at_least(0), aux_weight=training.at_least(0)))
+    files = [cfg["sft_file"]] if cfg["sft"] else ["train.bin", "val.bin"]
+    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files, training.WORLD_HINT)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     model = training.init_model(cfg, tok, device)
 
@@ -53,11 +57,19 @@ def main(argv):
         ids, attn_mask, targets = batch
         masked, mlm_targets = mlm_inputs(ids, attn_mask, tok.mask_id, cfg["mask_prob"], g)
         ed, mlm_loss, mlm_acc = model.mlm(masked, attn_mask, mlm_targets)
-        memory = ed.detach()  # the decoder learns to read the encoder's space, it does not get to shape it
+        memory, memory_mask = ed.detach(), attn_mask  # the decoder learns to read the encoder's space, not shape it
+        if cfg["ed_swap"] > 0:
+            # the ED of its own text holds every next token, so a decoder that always reads it learns to copy and
+            # never to answer from its own query. Some rows read another row's ED instead - memory that does not
+            # help, as in real use, where the STM holds earlier turns and never the current one.
+            swap = torch.rand(ids.size(0), generator=g, device=ids.device) < cfg["ed_swap"]
+            other = torch.roll(torch.arange(ids.size(0), device=ids.device), 1)
+            memory = torch.where(swap[None, :, None, None], memory[:, other], memory)
+            memory_mask = torch.where(swap[:, None], attn_mask[other], attn_mask)
         if cfg["noise_std"] > 0:
             memory = memory + cfg["noise_std"] * torch.randn(memory.shape, generator=g, device=memory.device,
                                                              dtype=memory.dtype)
-        logits, ar_loss, aux_loss = model.decode(ids, memory, attn_mask, targets)  # the ED's padding is masked out
+        logits, ar_loss, aux_loss = model.decode(ids, memory, memory_mask, targets)  # the ED's padding is masked
         loss = ar_loss + mlm_loss + cfg["aux_weight"] * aux_loss
         return loss, {"mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc, "ar_loss": ar_loss.detach(),
                       "ar_acc": token_accuracy(logits, targets), "aux_loss": aux_loss.detach(), "tokens": ids.numel()}

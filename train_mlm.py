@@ -20,7 +20,8 @@ DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", seq_len=12
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg)
+    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=training.between(0.01, 0.9)))
+    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", "train.bin", "val.bin"], training.WORLD_HINT)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     model = training.init_model(cfg, tok, device)
 

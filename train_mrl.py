@@ -14,12 +14,10 @@ to the next. The phases run in order (`phases`), each from the previous one's ch
     python train_mrl.py config/nano_mrl.py [--phases=smat,mrl ...]
 """
 
-import copy
 import math
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import training
@@ -28,22 +26,19 @@ from data.loaders import (collate_interactions, collate_queries, episode_tensors
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
 from evaluate import bleu, exact_match
-from model import token_accuracy
+from model import Critic, token_accuracy, token_logprobs
 
 PHASES = ("mem", "smat", "mrl")  # every key that only one phase reads starts with that phase's name
 DEFAULTS = dict(
     # each phase has its own iterations and learning rate (cosine to a tenth of it): no generic max_iters, lr, min_lr
     {k: v for k, v in training.TRAIN_DEFAULTS.items() if k not in ("max_iters", "lr", "min_lr")},
     data_dir="data/cache/world", episodes_file="episodes_train.jsonl",
-    out_dir="out/nano",  # phase p writes out_dir/p/ckpt.pt
-    phases="mem,smat,mrl",
+    out_dir="out/nano", phases="mem,smat,mrl",  # phase p writes out_dir/p/ckpt.pt
     seq_len=128,  # longest interaction
     # curricula: lists of episode distances (turns from fact to probe), stepped through evenly over a phase
     mem_curriculum=[[1, 2, 4]], smat_curriculum=[[1, 2], [1, 2, 4], [1, 2, 4, 8]], mrl_curriculum=[[2], [4], [8], [16]],
-    mem_iters=100, smat_iters=500, mrl_iters=200,
-    mem_lr=1e-3, smat_lr=5e-4, mrl_lr=5e-5,
-    mem_noise=0.05,  # Gaussian noise on the STM input and on the label
-    mem_jitter=0.15,  # of the label's new-data share w
+    mem_iters=100, smat_iters=500, mrl_iters=200, mem_lr=1e-3, smat_lr=5e-4, mrl_lr=5e-5,
+    mem_noise=0.05, mem_jitter=0.15,  # Gaussian noise on the STM input and the label; jitter of the label's ED share
     # In SMAT and MRL the decoder reads the memory the last write produced, with gradients, so every turn's loss
     # trains the write before it. *_detach_stm=True detaches the *input* of each write (one-step truncated BPTT):
     # turn t's loss trains the write of turn t-1 but not the earlier ones.
@@ -56,11 +51,20 @@ DEFAULTS = dict(
 )
 
 
+RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", training.CURRICULUM), (
+    "iters", training.at_least(1)), ("lr", training.POSITIVE))}, mem_jitter=training.between(0, 0.4),
+    **{k: training.between(0, 1) for k in ("smat_unfreeze_memory_at", "smat_unfreeze_encoder_at", "mrl_reset_prob")},
+    **{k: training.at_least(0) for k in ("mem_noise", "smat_aux_weight", "mrl_top_k", "mrl_entropy_coef",
+       "mrl_value_coef", "mrl_memory_reg", "mrl_kl_coef", "mrl_bleu_weight", "mrl_recall_weight", "mrl_cosine_weight")},
+    mrl_max_answer=training.at_least(1), mrl_ppo_epochs=training.at_least(1), mrl_top_p=training.between(0.01, 1),
+    mrl_temperature=training.POSITIVE, mrl_clip_eps=training.POSITIVE, mrl_reset_std=training.POSITIVE)
+
+
 def episode_batch(cfg, pools, split, step, curriculum, g):
     """A batch of episodes of one distance (so all have the same number of turns) from the curriculum's entry for
     this step: its lists of distances are stepped through in equal parts of the phase."""
     distances = curriculum[min(len(curriculum) - 1, step * len(curriculum) // max(1, cfg["max_iters"]))]
-    distances = [d for d in distances if d in pools[split]] or sorted(pools[split])[:1]
+    distances = [d for d in distances if d in pools[split]]  # main() checked them on the training split
     pool = pools[split][distances[torch.randint(len(distances), (1,), generator=g).item()]]
     return [pool[i] for i in torch.randint(len(pool), (cfg["batch_size"],), generator=g).tolist()]
 
@@ -127,21 +131,6 @@ def set_trainable(model, step, cfg):
 # Stage 5: Memory Reinforcement Learning (IMPO)
 
 
-class Critic(nn.Module):
-    """IMPO's value function V(s): a copy of the encoder reads the query; a small head reads it with the memory."""
-
-    def __init__(self, model):
-        super().__init__()
-        D = model.cfg.d_model
-        self.embed, self.encoder = copy.deepcopy(model.embed), copy.deepcopy(model.encoder)
-        self.head = nn.Sequential(nn.Linear(2 * D, D), nn.GELU(), nn.Linear(D, 1))
-
-    def forward(self, ids, attn_mask, stm):  # (B, T), (B, T), (L, B, S, D) -> (B,)
-        h = self.encoder(self.embed(ids), attn_mask)[-1]
-        pooled = (h * attn_mask[..., None]).sum(dim=1) / attn_mask.sum(dim=1, keepdim=True)
-        return self.head(torch.cat([pooled, stm.mean(dim=(0, 2))], dim=-1)).squeeze(-1)
-
-
 def rewards(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
     """BLEU vs the reference answer, + exact match on the probe (the memory test), + optional embedding cosine.
     ans (B, N) with lengths counting [EOS]; ref_ids (B, R) with [EOS], pads -1 (they never match)."""
@@ -158,23 +147,14 @@ def rewards(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
     return r
 
 
-def answer_logprobs(model, ids, stm):
-    """Log-prob of each next token of ids and the policy entropy, both (B, T-1), from a clean forward pass (not the
-    temperature / top-k filtered sampling distribution); the caller keeps the sampled positions (ans_mask)."""
-    logits, _, _ = model.decode(ids, stm)
-    logp_all = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(dim=-1)
-
-
 @torch.no_grad()
 def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
     """Play a batch of episodes with the current policy. The first turn (the facts) is written as given; every later
     turn the model answers itself (sampled), is rewarded, and its own interaction is written into memory."""
     device = model.embed.weight.device
     turns = [episode_turns(ep) for ep in episodes]
-    stm = model.new_memory(len(episodes), generator=g)
-    if torch.rand(1, generator=g, device=device).item() < cfg["mrl_reset_prob"]:  # random STM reset
-        stm = stm / model.cfg.stm_init_std * cfg["mrl_reset_std"]
+    reset = torch.rand(1, generator=g, device=device).item() < cfg["mrl_reset_prob"]  # a random STM reset
+    stm = model.new_memory(len(episodes), generator=g, std=cfg["mrl_reset_std"] if reset else None)
     ids, attn_mask, _ = collate_interactions(tok, [tr[0] for tr in turns], cfg["seq_len"])
     play = dict(stm0=stm, first=(ids.to(device), attn_mask.to(device)), steps=[])
     stm = model.update_memory(stm, *play["first"])
@@ -188,11 +168,18 @@ def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
         ref_ids, ref_mask = ref_ids.masked_fill(~ref_mask, -1).to(device), ref_mask.to(device)
         reward = reward_fn(model, ans, ans_len, ref_ids, ref_mask, t == len(turns[0]) - 1, cfg, tok)
         ids, attn_mask, ans_mask = join_answers(q_ids, q_mask, ans, ans_len, tok)
-        old_logp = answer_logprobs(model, ids, stm)[0]
+        old_logp = token_logprobs(model.decode(ids, stm)[0], ids)[0]
         play["steps"].append(dict(q_ids=q_ids, q_mask=q_mask, ids=ids, mask=attn_mask, ans_mask=ans_mask,
                                   reward=reward, old_logp=old_logp))
         stm = model.update_memory(stm, ids, attn_mask)
     return play
+
+
+def clipped_surrogate(logp, old_logp, adv, eps):
+    """PPO's objective per token, min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi / pi_old: no gain from moving
+    the policy further than eps from the one that sampled. Returns it and r."""
+    ratio = torch.exp(logp - old_logp)
+    return torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv), ratio
 
 
 def impo_loss(model, critic, play, cfg):
@@ -205,29 +192,25 @@ def impo_loss(model, critic, play, cfg):
     for t, s in enumerate(play["steps"], start=1):
         m = s["ans_mask"][:, :-1]
         tokens = m.sum().clamp(min=1)
-        logp, entropy = answer_logprobs(model, s["ids"], stm)
+        logp, entropy = token_logprobs(model.decode(s["ids"], stm)[0], s["ids"])
         value = critic(s["q_ids"], s["q_mask"], stm.detach())
         adv = s["reward"] - value.detach()
         adv = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
-        log_ratio = logp - s["old_logp"]
-        ratio = torch.exp(log_ratio)
-        eps = cfg["mrl_clip_eps"]
-        surrogate = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - eps, 1 + eps) * adv[:, None])
+        surrogate, ratio = clipped_surrogate(logp, s["old_logp"], adv[:, None], cfg["mrl_clip_eps"])
         # IMPO's policy stabilisation: KL(pi_old || pi) between the policy that sampled this rollout (the previous
         # update step's) and the current one, estimated on the sampled tokens as (r - 1) - log r with r = pi / pi_old
         # (>= 0, and 0 exactly when the policy did not move)
-        kl = ((ratio - 1 - log_ratio) * m).sum() / tokens
+        kl = ((ratio - 1 - (logp - s["old_logp"])) * m).sum() / tokens
         stm_prev = stm.detach() if cfg["mrl_detach_stm"] else stm
         new_stm = model.update_memory(stm_prev, s["ids"], s["mask"])
         mem_reg = cfg["mrl_memory_reg"] * math.sqrt(t + 1) * F.mse_loss(new_stm, stm_prev)
         total = (total - (surrogate * m).sum() / tokens - cfg["mrl_entropy_coef"] * (entropy * m).sum() / tokens
                  + cfg["mrl_value_coef"] * F.mse_loss(value, s["reward"]) + mem_reg + cfg["mrl_kl_coef"] * kl)
         stm = new_stm
-        metrics["reward"] += s["reward"].mean().item() / n
-        metrics["ratio"] += ((ratio * m).sum() / tokens).item() / n
-        metrics["kl"] += kl.item() / n
-    metrics["probe_reward"] = play["steps"][-1]["reward"].mean().item()
-    metrics["tokens"] = sum(s["mask"].sum().item() for s in play["steps"])
+        for key, v in (("reward", s["reward"].mean()), ("ratio", (ratio * m).sum() / tokens), ("kl", kl)):
+            metrics[key] += v.item() / n
+    metrics.update(probe_reward=play["steps"][-1]["reward"].mean().item(),
+                   tokens=sum(s["mask"].sum().item() for s in play["steps"]))
     return total / n, metrics
 
 
@@ -287,13 +270,19 @@ def main(argv):
     unused = sorted(k for k in flagged if k.split("_")[0] in PHASES and k.split("_")[0] not in phases)
     if unused:
         raise training.ConfigError(f"--{', --'.join(unused)} would change nothing: phases={cfg['phases']!r}")
-    device, ctx, rank, world = training.setup(cfg)
+    device, ctx, rank, world = training.setup(cfg, RULES)
+    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", cfg["episodes_file"]])
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
     n_val = max(1, len(episodes) // 50)
     pools = {"train": {}, "val": {}}  # split -> distance -> episodes
     for i, ep in enumerate(episodes):
         pools["val" if i < n_val else "train"].setdefault(ep["distance"], []).append(ep)
+    for phase in phases:
+        missing = sorted({d for entry in cfg[f"{phase}_curriculum"] for d in entry} - set(pools["train"]))
+        if missing or not all(set(entry) & set(pools["val"]) for entry in cfg[f"{phase}_curriculum"]):
+            raise training.ConfigError(f"{phase}_curriculum asks for distances {missing or 'absent from validation'}; "
+                                       f"{cfg['episodes_file']} has {sorted(pools['train'])}")
     init_from, results = cfg["init_from"], {}
     for phase in phases:
         n = cfg[f"{phase}_iters"]

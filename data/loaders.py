@@ -106,6 +106,33 @@ def join_answers(q_ids, q_mask, ans, ans_len, tok):
     return ids.to(d), attn_mask.to(d), ans_mask.to(d)
 
 
+def render_dialogue(tok, turns, max_len, query=None):
+    """A conversation as one sequence - every turn `[BOS][Q] query [A] answer [EOS]`, then the prompt of `query` if
+    given - which is what a model without memory (the stateless baseline) must re-read every turn. Longer than
+    max_len: the oldest turns are dropped, whole. Returns the ids and, per id, whether it belongs to an answer."""
+    rows = [render_interaction(tok, t["query"], t["answer"], max_len) for t in turns]
+    if query is not None:
+        prompt = render_query(tok, query, max_len)
+        rows.append((prompt, len(prompt)))
+    while len(rows) > 1 and sum(len(row) for row, _ in rows) > max_len:
+        rows = rows[1:]
+    ids, answer = [], []
+    for row, start in rows:
+        ids += row
+        answer += [False] * start + [True] * (len(row) - start)
+    return ids, answer
+
+
+def collate_dialogues(tok, episodes, max_len):
+    """Whole episodes as one sequence each -> ids, attn_mask, targets (B, T): the answer tokens of every turn."""
+    rows = [render_dialogue(tok, episode_turns(ep), max_len) for ep in episodes]
+    ids, attn_mask = pad_rows([ids for ids, _ in rows], tok.pad_id)
+    answer = torch.zeros_like(attn_mask)
+    for b, (_, flags) in enumerate(rows):
+        answer[b, :len(flags)] = torch.tensor(flags)
+    return ids, attn_mask, next_token_targets(ids, answer)
+
+
 def episode_turns(episode):
     """All turns of a memory episode: the first (the facts) followed by its interactions (the last is the probe)."""
     return [{"query": episode["query"], "answer": episode["answer"]}] + list(episode["interactions"])

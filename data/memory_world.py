@@ -15,7 +15,6 @@ the value; the latest value wins). The test split holds out (name, slot, value) 
 ever asks for them, though every word occurs in training, so test recall measures memory, not vocabulary.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -149,10 +148,16 @@ def make_stories(n, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # single-turn interactions (SFT)
 
-def tell_turn(rng, facts):
-    """Telling facts: the answer repeats them and acknowledges."""
-    text = " ".join(facts)
-    return {"query": text, "answer": f"{text} {rng.choice(ACKS)}"}
+# How the world talks - two levers of the memory experiments (README), passed down as **style:
+#   acks_only  a turn that tells facts is answered with an acknowledgement only, not with an echo of the facts (in the
+#              chat flow a model that echoes can echo a wrong value, and then it writes that into its memory)
+#   binding    the share of question turns that give one slot to two people (binding_question)
+
+
+def tell_turn(rng, facts, acks_only=False, **_):
+    """Telling facts: the answer repeats them and acknowledges (or only acknowledges)."""
+    text, ack = " ".join(facts), rng.choice(ACKS)
+    return {"query": text, "answer": ack if acks_only else f"{text} {ack}"}
 
 
 def story_turn(rng, names=NAMES):
@@ -163,8 +168,11 @@ def story_turn(rng, names=NAMES):
     return {"query": f"Tell me a story about {p}.", "answer": make_story(rng, names, p)}
 
 
-def question_turn(rng, names=NAMES, split="train"):
+def question_turn(rng, names=NAMES, split="train", binding=0.0, **_):
     """Facts and a question about one of them, answerable from the query alone; the answer is one word."""
+    if binding and rng.random() < binding:
+        r = binding_question(rng, split, names)
+        return {"query": r["query"], "answer": r["answer"]}
     while True:
         facts = [random_fact(rng, names) for _ in range(rng.randint(1, 3))]
         p, slot, x, v = rng.choice(facts)
@@ -174,11 +182,11 @@ def question_turn(rng, names=NAMES, split="train"):
     return {"query": query, "answer": v}
 
 
-def binding_question(rng, split="train"):
+def binding_question(rng, split="train", names=NAMES):
     """Two people with the same slot and different values in one message, then a question about one of them:
     answerable from the message alone, if the model binds each value to its person."""
     while True:
-        p, q = rng.sample(NAMES, 2)
+        p, q = rng.sample(names, 2)
         slot = rng.choice(list(SLOTS))
         x = rng.choice(SLOTS[slot]["things"])
         vp = random_value(rng, p, slot, avoid=(q,))
@@ -207,16 +215,16 @@ def chat_turn(rng):
     return {"query": query, "answer": answer}
 
 
-def make_interactions(n, seed):
+def make_interactions(n, seed, **style):
     """n single-turn {query, answer} records: telling facts, questions answerable from the query, stories, chat."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         r = rng.random()
         if r < 0.3:
-            out.append(tell_turn(rng, [fact_text(*random_fact(rng, NAMES)) for _ in range(rng.randint(1, 2))]))
+            out.append(tell_turn(rng, [fact_text(*random_fact(rng, NAMES)) for _ in range(rng.randint(1, 2))], **style))
         elif r < 0.7:
-            out.append(question_turn(rng))
+            out.append(question_turn(rng, **style))
         elif r < 0.85:
             out.append(story_turn(rng))
         else:
@@ -227,28 +235,28 @@ def make_interactions(n, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # memory episodes (memory-attention pre-training, SMAT, MRL, evaluation)
 
-def distractor_turn(rng, names):
+def distractor_turn(rng, names, **style):
     """A turn about other people (names excludes the probed person), or a story, or chat."""
     r = rng.random()
     if r < 0.45:
-        return tell_turn(rng, [fact_text(*random_fact(rng, names)) for _ in range(rng.randint(1, 2))])
+        return tell_turn(rng, [fact_text(*random_fact(rng, names)) for _ in range(rng.randint(1, 2))], **style)
     if r < 0.75:
         # the split of a distractor's question does not matter: it is answered from its own query
-        return question_turn(rng, names, split="test" if rng.random() < 0.2 else "train")
+        return question_turn(rng, names, split="test" if rng.random() < 0.2 else "train", **style)
     if r < 0.9:
         return story_turn(rng, names)
     return chat_turn(rng)
 
 
-def make_episode(rng, d, kind, split):
+def make_episode(rng, d, kind, split, **style):
     """One episode, or None when the random draw does not fit the split (the caller draws again)."""
     p = rng.choice(NAMES)
     others = [q for q in NAMES if q != p]
     if kind == "cumulative":
         # every turn before the probe adds one fact about p; the probe asks for one of them
         facts = [(p, slot, x, random_value(rng, p, slot)) for slot, x in rng.sample(KEYS, min(d, len(KEYS)))]
-        turns = [tell_turn(rng, [fact_text(*f)]) for f in facts]
-        turns += [distractor_turn(rng, others) for _ in range(d - len(turns))]  # only if d > len(KEYS)
+        turns = [tell_turn(rng, [fact_text(*f)], **style) for f in facts]
+        turns += [distractor_turn(rng, others, **style) for _ in range(d - len(turns))]  # only if d > len(KEYS)
         eligible = [(slot, x, v) for _, slot, x, v in facts if is_test(p, slot, v) == (split == "test")]
         if not eligible:
             return None
@@ -281,9 +289,9 @@ def make_episode(rng, d, kind, split):
             if t == 0:
                 first.append(sentence)
             else:
-                turns[t] = tell_turn(rng, [sentence])
-        turns[0] = tell_turn(rng, first)
-        turns = [t or distractor_turn(rng, others) for t in turns]
+                turns[t] = tell_turn(rng, [sentence], **style)
+        turns[0] = tell_turn(rng, first, **style)
+        turns = [t or distractor_turn(rng, others, **style) for t in turns]
     if is_test(p, slot, gold) != (split == "test"):
         return None
     return {"query": turns[0]["query"], "answer": turns[0]["answer"],
@@ -292,7 +300,7 @@ def make_episode(rng, d, kind, split):
 
 
 def make_episodes(n, seed, distances=(1, 2, 4, 8, 16), kinds=("long-range", "cumulative", "overwrite"),
-                  split="train"):
+                  split="train", **style):
     """
     n memory episodes {query, answer, interactions, gold, distance, kind, name, slot, thing}. (query, answer) is
     the first turn (it tells the facts); interactions holds distance turns, the last being the probe, whose answer
@@ -311,7 +319,7 @@ def make_episodes(n, seed, distances=(1, 2, 4, 8, 16), kinds=("long-range", "cum
         kind, d = kinds[i % len(kinds)], distances[(i // len(kinds)) % len(distances)]
         ep = None
         while ep is None:
-            ep = make_episode(rng, d, kind, split)
+            ep = make_episode(rng, d, kind, split, **style)
         out.append(ep)
     return out
 
@@ -339,10 +347,11 @@ def episode_text(ep):
 
 
 def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_episodes=20_000, n_test_episodes=2_000,
-                vocab_size=2048, val_fraction=0.05):
+                vocab_size=2048, val_fraction=0.05, **style):
     """
-    Write stories.txt, interactions.jsonl, episodes_train.jsonl, episodes_test.jsonl, tokenizer.tiktoken (trained
-    on all of that text) and train.bin / val.bin of the stories. Files that exist are kept (resumable).
+    Write stories.txt, interactions.jsonl, episodes_train.jsonl, episodes_test.jsonl, incontext_test.jsonl,
+    tokenizer.tiktoken (trained on all of that text) and train.bin / val.bin of the stories. Files that exist are
+    kept (resumable). style: how the world talks (acks_only, binding; see tell_turn).
     """
     # imported here so that the generator above needs nothing but the stdlib
     from data.tinystories import SEPARATOR, iter_stories, tokenize_to_bin
@@ -356,9 +365,11 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"\n{SEPARATOR}\n".join(make_stories(n_stories, seed)) + "\n")
         os.replace(tmp, path("stories.txt"))
-    jobs = [("interactions.jsonl", lambda: make_interactions(n_interactions, seed + 1)),
-            ("episodes_train.jsonl", lambda: make_episodes(n_episodes, seed + 2, split="train")),
-            ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test")),
+    jobs = [("interactions.jsonl", lambda: make_interactions(n_interactions, seed + 1, **style)),
+            ("episodes_train.jsonl", lambda: make_episodes(n_episodes, seed + 2, split="train", **style)),
+            # the test split asks the same questions whatever the training data's binding share
+            ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test",
+                                                          **dict(style, binding=0.0))),
             ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test"))]
     for name, make in jobs:
         if not os.path.exists(path(name)):
@@ -381,8 +392,9 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
     return out_dir
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Generate the offline memory world (stories, SFT, episodes).")
+def main(argv):
+    import training  # the shared command-line plumbing (one-line user errors)
+    parser = training.ArgumentParser(description="Generate the offline memory world (stories, SFT, episodes).")
     parser.add_argument("--out_dir", default="data/cache/world")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--n_stories", type=int, default=50_000)
@@ -390,14 +402,23 @@ def main():
     parser.add_argument("--n_episodes", type=int, default=20_000)
     parser.add_argument("--n_test_episodes", type=int, default=2_000)
     parser.add_argument("--vocab_size", type=int, default=2048)
-    args = parser.parse_args()
+    parser.add_argument("--acks_only", action="store_true", help="fact turns are answered by an acknowledgement only")
+    parser.add_argument("--binding", type=float, default=0.0, help="share of question turns that are binding questions")
+    args = parser.parse_args(argv)
+    # every distance (5) and kind (3) at least twice, so that the validation split has each
+    training.check(vars(args), n_stories=training.at_least(100), n_interactions=training.at_least(50),
+                   n_episodes=training.at_least(300), n_test_episodes=training.at_least(30),
+                   vocab_size=training.at_least(264), binding=training.between(0, 1))
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise training.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     t0 = time.time()
     build_world(args.out_dir, args.seed, args.n_stories, args.n_interactions, args.n_episodes,
-                args.n_test_episodes, args.vocab_size)
+                args.n_test_episodes, args.vocab_size, acks_only=args.acks_only, binding=args.binding)
     print(f"memory world ready in {args.out_dir} ({time.time() - t0:.1f}s):")
     for name in sorted(os.listdir(args.out_dir)):
         print(f"  {name:24s} {os.path.getsize(os.path.join(args.out_dir, name)) / 1e6:8.2f} MB")
 
 
 if __name__ == "__main__":
-    main()
+    import training
+    training.cli(main)

@@ -8,7 +8,6 @@ Every step skips when its output exists, so an interrupted run can simply be sta
 as [BOS] story [EOS]; the training scripts read random windows with np.memmap (data/loaders.py).
 """
 
-import argparse
 import http.client
 import itertools
 import os
@@ -34,7 +33,6 @@ def download(url, dest, chunk=1 << 20, timeout=30):
     """
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     part = dest + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -48,6 +46,7 @@ def download(url, dest, chunk=1 << 20, timeout=30):
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(f"download of {url} failed: {getattr(e, 'reason', e)}") from None
 
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)  # only now: a failed request writes nothing
     with response:
         if have and response.status != 206:
             have = 0  # the server ignored the Range header and sends the whole file: restart from zero
@@ -131,9 +130,9 @@ def sample_text(stories, n_bytes):
 def prepare(out_dir, vocab_size=7500, train_path=None, valid_path=None, max_stories=None,
             tokenizer_sample_bytes=20_000_000):
     """Download (or take local files), train the tokenizer on a sample, write train.bin and val.bin."""
-    os.makedirs(out_dir, exist_ok=True)
     train_path = train_path or download(URL_BASE + TRAIN_FILE, os.path.join(out_dir, TRAIN_FILE))
     valid_path = valid_path or download(URL_BASE + VALID_FILE, os.path.join(out_dir, VALID_FILE))
+    os.makedirs(out_dir, exist_ok=True)
 
     tok_path = os.path.join(out_dir, "tokenizer.tiktoken")
     if os.path.exists(tok_path):
@@ -151,18 +150,28 @@ def prepare(out_dir, vocab_size=7500, train_path=None, valid_path=None, max_stor
     return out_dir
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Prepare TinyStories: tokenizer.tiktoken, train.bin, val.bin.")
+def main(argv):
+    import training  # the shared command-line plumbing (one-line user errors)
+    parser = training.ArgumentParser(description="Prepare TinyStories: tokenizer.tiktoken, train.bin, val.bin.")
     parser.add_argument("--out_dir", default="data/cache/tinystories")
     parser.add_argument("--vocab_size", type=int, default=7500)
     parser.add_argument("--train_path", default=None, help="local train .txt instead of downloading")
     parser.add_argument("--valid_path", default=None, help="local valid .txt instead of downloading")
     parser.add_argument("--max_stories", type=int, default=None, help="tokenize at most this many stories per split")
     parser.add_argument("--tokenizer_sample_bytes", type=int, default=20_000_000)
-    args = parser.parse_args()
-    prepare(args.out_dir, args.vocab_size, args.train_path, args.valid_path, args.max_stories,
-            args.tokenizer_sample_bytes)
+    args = parser.parse_args(argv)
+    training.check(vars(args), vocab_size=training.at_least(264), tokenizer_sample_bytes=training.at_least(1000),
+                   max_stories=((lambda v: v is None or v >= 1), "a positive number of stories"))
+    for path in (args.train_path, args.valid_path):
+        if path is not None and not os.path.isfile(path):
+            raise training.UserError(f"{path} not found (give a TinyStories .txt file, or leave it out to download)")
+    try:
+        prepare(args.out_dir, args.vocab_size, args.train_path, args.valid_path, args.max_stories,
+                args.tokenizer_sample_bytes)
+    except RuntimeError as e:  # download failures: the message says what happened
+        raise training.UserError(f"{e} (offline? give local files with --train_path and --valid_path)")
 
 
 if __name__ == "__main__":
-    main()
+    import training
+    training.cli(main)

@@ -7,7 +7,6 @@ The merges are stored as a `.tiktoken` file (one `base64(token_bytes) rank` per 
 bytes; the special tokens come right after the ranks, in the order of SPECIAL_TOKENS.
 """
 
-import argparse
 import base64
 import heapq
 import os
@@ -222,16 +221,23 @@ def read_texts(paths, max_bytes=None):
                 yield chunk
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer into a .tiktoken file.")
+def main(argv):
+    import training  # the shared command-line plumbing (one-line user errors)
+    parser = training.ArgumentParser(description="Train a byte-level BPE tokenizer into a .tiktoken file.")
     parser.add_argument("--input", nargs="+", required=True, help="text files to train on")
     parser.add_argument("--vocab_size", type=int, default=7500, help="total, including the 8 special tokens")
     parser.add_argument("--out", required=True, help="output .tiktoken file")
     parser.add_argument("--max_bytes", type=int, default=None, help="train on at most this many characters")
-    args = parser.parse_args()
-
+    args = parser.parse_args(argv)
+    training.check(vars(args), vocab_size=training.at_least(256 + len(SPECIAL_TOKENS)),
+                   max_bytes=((lambda v: v is None or v >= 1), "a positive number of characters"))
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise training.UserError(f"input {path} not found")
     texts = list(read_texts(args.input, args.max_bytes))
     n_chars = sum(len(t) for t in texts)
+    if not n_chars:
+        raise training.UserError(f"{', '.join(args.input)}: no text to learn from")
     t0 = time.time()
     ranks = train_bpe(texts, args.vocab_size)
     dt = time.time() - t0
@@ -244,4 +250,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import training
+    training.cli(main)

@@ -23,6 +23,7 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert len(turns) == conv["turns"] >= 2
         assert all(t["prefill"] > 0 and t["generation"] > 0 and t["tokens"] > 0 for t in turns)
         assert conv[name]["turn_n_over_turn_1"] > 0 and conv[name]["peak_memory_bytes"] > 0
+        assert conv[name]["decode_token_s"] > 0 and conv[name]["aten_ops_per_token"] > 10
     assert all(t["update"] > 0 for t in conv["rxt"]["per_turn"])
     # the baseline re-reads the history: its prompt grows by one interaction per turn, RxT's work per turn does not
     base_tokens = [t["tokens"] for t in conv["baseline"]["per_turn"]]

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -75,3 +76,33 @@ def test_memory_is_written_after_each_turn_and_reset_restores_a_fresh_one(checkp
     session.reset()
     assert session.stm.shape == fresh.shape and session.previous is None
     assert session.stm.std().item() == pytest.approx(model.cfg.stm_init_std, rel=0.2)
+
+
+def test_the_next_answer_reads_the_finished_write_of_query_answer_and_eos(checkpoint, monkeypatch):
+    """The update runs in the background, slowly here: the next answer must wait for it and read its STM_t, and what
+    was written is the whole turn - [BOS][Q] query [A], the answer the user saw, [EOS]."""
+    model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8))
+    real_update, real_interact = model.update_memory, model.interact
+    writes, reads, said = [], [], []
+
+    def slow_update(stm, ids, attn_mask=None):
+        time.sleep(0.3)
+        writes.append((ids[0].tolist(), real_update(stm, ids, attn_mask)))
+        return writes[-1][1]
+
+    def spy_interact(query_ids, stm, **kw):
+        reads.append((list(query_ids), stm))
+        said.append([])
+        for t in real_interact(query_ids, stm, **kw):
+            said[-1].append(t)
+            yield t
+    monkeypatch.setattr(model, "update_memory", slow_update)
+    monkeypatch.setattr(model, "interact", spy_interact)
+    sink = open(os.devnull, "w")
+    session.answer("Mia has a red ball.", sink)
+    session.answer("Where is Mia?", sink)  # asked while the first write still sleeps
+    session.wait()
+    assert reads[1][1] is writes[0][1]  # the second answer read STM_1, the finished first write
+    assert writes[0][0] == reads[0][0] + said[0] + [tok.eos_id]
+    assert reads[0][0] == [tok.bos_id, tok.q_id] + tok.encode("Mia has a red ball.") + [tok.a_id]

@@ -89,3 +89,13 @@ def test_policy_stability_kl_is_zero_for_an_unchanged_policy_and_positive_after_
         model.decoder.lm_head.weight.add_(0.05 * torch.randn_like(model.decoder.lm_head.weight))
     _, second = train_mrl.impo_loss(model, critic, play, cfg)
     assert second["kl"] > 1e-4, second["kl"]
+
+
+def test_an_answer_cut_before_its_eos_is_not_an_exact_match(world):
+    tok, model = setup(world)
+    cfg = dict(train_mrl.DEFAULTS)
+    ref_ids = padded([tok.encode("red") + [tok.eos_id]], tok.pad_id)
+    ref_mask = ref_ids != tok.pad_id
+    cut = tok.encode("red")  # max_answer reached before [EOS]
+    r = train_mrl.rewards(model, padded([cut], tok.pad_id), torch.tensor([len(cut)]), ref_ids, ref_mask, True, cfg, tok)
+    assert r.item() < cfg["mrl_recall_weight"]  # BLEU only, no exact match

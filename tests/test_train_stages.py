@@ -119,3 +119,27 @@ def test_two_process_torchrun_trains_and_ranks_agree(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "all 2 ranks agree on the weights" in r.stdout
     assert training.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 6
+
+
+def test_each_rank_trains_on_its_own_batches(world, tmp_path):
+    """Under torchrun every rank draws its own data (seeded by its rank): data parallelism, not one batch twice."""
+    seen = {}
+    for rank in (0, 1):
+        cfg = training.configure(train_mlm.DEFAULTS, tiny_flags(data_dir=world, out_dir=str(tmp_path / str(rank)),
+                                                                max_iters=2, eval_interval=2))
+        device, ctx, _, _ = training.setup(cfg)
+        tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+        model = training.init_model(cfg, tok, device)
+
+        def get_batch(split, step, g):
+            ids = get_lm_batch(os.path.join(world, f"{split}.bin"), 16, 64, generator=g)
+            if split == "train":
+                seen.setdefault(rank, []).append(ids)
+            return ids
+
+        def loss_fn(model, ids, step, g):
+            masked, targets = mlm_inputs(ids, ids != tok.pad_id, tok.mask_id, 0.15, g)
+            return model.mlm(masked, ids != tok.pad_id, targets)[1], {}
+        training.train(cfg, model, stage="mlm", get_batch=get_batch, loss_fn=loss_fn, params=model.parameters(),
+                       device=device, ctx=ctx, rank=rank, world=1, tokenizer=tok)
+    assert all(not torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
