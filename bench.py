@@ -34,7 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import engine
 import model as M
+import training
 
 SECTIONS = ("conversation", "attention", "training", "memory")
 QUERY_LEN, ANSWER_LEN = 32, 32
@@ -43,9 +45,11 @@ PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, few turns, short lengths (seconds)")
     p.add_argument("--preset", default="micro", choices=sorted(M.PRESETS), help="model of the conversation")
+    p.add_argument("--ckpt", default="", help="a trained RxT checkpoint for the conversation (instead of --preset)")
+    p.add_argument("--baseline_ckpt", default="", help="a trained stateless baseline for the conversation")
     p.add_argument("--turns", type=int, default=None, help="conversation length (default 32 on CPU, 128 on CUDA)")
     p.add_argument("--seq_lens", default=None, help="attention lengths, e.g. 1024,2048,4096,8192")
     p.add_argument("--attn_dim", type=int, default=512, help="D of the attention benchmark")
@@ -59,19 +63,32 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)
-    if unknown:
+    if unknown or not args.sections:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    training.check_device(args.device)
     cuda = args.device.startswith("cuda")
     if args.quick:  # everything tiny: the smoke test runs this in a few seconds
         args.preset = "nano"
-        args.turns = args.turns or 3
+        args.turns = 3 if args.turns is None else args.turns
         args.seq_lens = args.seq_lens or "64,128"
         args.attn_dim, args.attn_heads = 64, 8
-        args.repeats = args.repeats or 1
-    args.turns = args.turns or (128 if cuda else 32)
-    args.seq_lens = [int(t) for t in (args.seq_lens or ("1024,2048,4096,8192,16384,32768" if cuda
-                                                        else "1024,2048,4096,8192")).split(",")]
-    args.repeats = args.repeats or 5
+        args.repeats = 1 if args.repeats is None else args.repeats
+    args.turns = (128 if cuda else 32) if args.turns is None else args.turns
+    try:
+        args.seq_lens = [int(t) for t in (args.seq_lens or ("1024,2048,4096,8192,16384,32768" if cuda
+                                                            else "1024,2048,4096,8192")).split(",")]
+    except ValueError:
+        p.error(f"--seq_lens must be comma-separated integers, got {args.seq_lens!r}")
+    args.repeats = 5 if args.repeats is None else args.repeats
+    training.check(vars(args), turns=training.at_least(2), repeats=training.at_least(1),
+                   threads=((lambda v: v is None or v >= 1), "at least 1"),
+                   seq_lens=((lambda v: all(t >= 8 for t in v)), "lengths of at least 8 tokens"),
+                   attn_heads=training.at_least(4),  # xSQA has H/4 query heads
+                   attn_dim=((lambda d: d % args.attn_heads == 0 and (d // args.attn_heads) % 2 == 0),
+                             "a multiple of attn_heads with an even head size"))
+    for path in (args.ckpt, args.baseline_ckpt):
+        if path and not os.path.isfile(path):
+            raise training.CheckpointError(f"checkpoint not found: {path}")
     return args
 
 
@@ -175,7 +192,7 @@ def baseline_turn(model, history, query, device):
     ids = torch.cat(history + [query])[None]  # (1, T_hist + 32): re-read every turn
     sync(device)
     t0 = time.perf_counter()
-    tokens = model.decoder.stream(model.embed, ids, None, None, max_new_tokens=ANSWER_LEN, temperature=0)
+    tokens = engine.stream(model.decoder, model.embed, ids, None, None, max_new_tokens=ANSWER_LEN, temperature=0)
     answer = [next(tokens)]
     sync(device)
     t1 = time.perf_counter()
@@ -194,7 +211,8 @@ def decode_ops(name, model, query, device, amp):
         if name == "rxt":
             tokens = model.interact(query, model.new_memory(1), temperature=0, max_new_tokens=ANSWER_LEN)
         else:
-            tokens = model.decoder.stream(model.embed, query[None], None, None, max_new_tokens=ANSWER_LEN, temperature=0)
+            tokens = engine.stream(model.decoder, model.embed, query[None], None, None, max_new_tokens=ANSWER_LEN,
+                                   temperature=0)
         next(tokens)  # the prompt
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             n = sum(1 for _ in tokens)
@@ -216,14 +234,27 @@ def run_conversation(name, model, queries, device, amp):
     return turns, peak_memory(device)
 
 
-def bench_conversation(args, device, amp, quiet=False):
+def conversation_models(args, device):
+    """RxT and the baseline: trained checkpoints when given, else random weights of the preset (the cost is the same)."""
     cfg = M.get_config(args.preset)
     torch.manual_seed(args.seed)
-    models = {"rxt": M.ReactiveTransformer(cfg).to(device).eval(),
-              "baseline": M.StatelessDecoder(cfg).to(device).eval()}
+    models = {"rxt": M.ReactiveTransformer(cfg), "baseline": M.StatelessDecoder(cfg)}
+    for name, path in (("rxt", args.ckpt), ("baseline", args.baseline_ckpt)):
+        if path:
+            models[name] = training.load_for_inference(path, device)[0]
+            if not isinstance(models[name], (M.ReactiveTransformer if name == "rxt" else M.StatelessDecoder)):
+                raise training.CheckpointError(f"{path} is not a {'RxT' if name == 'rxt' else 'stateless baseline'} model")
+    return {name: m.to(device).eval() for name, m in models.items()}
+
+
+def bench_conversation(args, device, amp, quiet=False):
+    models = conversation_models(args, device)
+    V = min(m.cfg.vocab_size for m in models.values())
     g = torch.Generator().manual_seed(args.seed)
-    queries = [torch.randint(cfg.vocab_size, (QUERY_LEN,), generator=g).to(device) for _ in range(args.turns)]
-    result = {"preset": args.preset, "turns": args.turns, "query_len": QUERY_LEN, "answer_len": ANSWER_LEN,
+    # real text is not needed for a cost: random ids, answers forced to exactly ANSWER_LEN tokens (no [EOS] stop)
+    queries = [torch.randint(V, (QUERY_LEN,), generator=g).to(device) for _ in range(args.turns)]
+    result = {"preset": args.ckpt or args.preset, "baseline": args.baseline_ckpt or args.preset, "turns": args.turns,
+              "query_len": QUERY_LEN, "answer_len": ANSWER_LEN,
               "repeats": args.repeats}
     for name, model in models.items():
         run_conversation(name, model, queries[:2], device, amp)  # warm-up
@@ -373,7 +404,6 @@ def matmul_flops_per_s(device, dtype, n=2048, repeats=5):
 
 
 def bench_training(args, device, amp):
-    import training  # the training stack is needed here only
     from data.loaders import mlm_inputs, next_token_targets
 
     if args.quick:
@@ -442,7 +472,7 @@ def bench_training(args, device, amp):
 
 
 def bench_memory(args, device, amp, conversation):
-    cfg = M.get_config(args.preset)
+    cfg = training.load_for_inference(args.ckpt)[0].cfg if args.ckpt else M.get_config(args.preset)
     L, Hkv, hd, S, D = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.stm_size, cfg.d_model
     probe = M.Attention(D, cfg.n_heads, cfg.n_q_heads, Hkv).to(device)
     with torch.inference_mode(), amp:
@@ -558,4 +588,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    training.cli(main)

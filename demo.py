@@ -64,11 +64,35 @@ def report(wall):
         lines += ["## Memory on held-out episodes (greedy, exact match): recall by turns between fact and question",
                   "", "```", format_table(results), "```"]
         plot(results["recall"])
+        if os.path.isfile(f"{OUT}/baseline/eval.json"):
+            lines += ["", comparison(results, json.load(open(f"{OUT}/baseline/eval.json"))["results"])]
     text = "\n".join(lines) + "\n"
     with open(f"{OUT}/report.md.tmp", "w") as f:
         f.write(text)
     os.replace(f"{OUT}/report.md.tmp", f"{OUT}/report.md")
     return text
+
+
+def comparison(rxt, base):
+    """RxT next to the stateless baseline on the same held-out episodes (the baseline re-reads the history)."""
+    def seconds(stages):
+        return sum((stage_metrics(f"{OUT}/{s}/ckpt.pt") or (0, {}))[1].get("seconds", 0) for s in stages)
+
+    def size(path):
+        return sum(v.numel() for v in training.load_checkpoint(path)["model"].values()) if os.path.isfile(path) else 0
+
+    rows = [("recall, d=" + d, f"{rxt['recall'][d]['recall']:.1%}", f"{base['recall'][d]['recall']:.1%}")
+            for d in rxt["recall"] if rxt["recall"][d] and base["recall"].get(d)]
+    rows += [("binding, d=" + d, f"{rxt['binding'][d]['recall']:.1%}", f"{base['binding'][d]['recall']:.1%}")
+             for d in rxt["binding"] if rxt["binding"][d] and base["binding"].get(d)]
+    rows += [("in-context", f"{rxt['in_context']['recall']:.1%}", f"{base['in_context']['recall']:.1%}"),
+             ("answer perplexity", f"{rxt['answer_tokens']['ppl']:.3f}", f"{base['answer_tokens']['ppl']:.3f}"),
+             ("answer accuracy", f"{rxt['answer_tokens']['acc']:.1%}", f"{base['answer_tokens']['acc']:.1%}"),
+             ("parameters", f"{size(f'{OUT}/mrl/ckpt.pt'):,}", f"{size(f'{OUT}/baseline/ckpt.pt'):,}"),
+             ("training time (s)", f"{seconds(['mlm', 'joint', 'sft', 'mem', 'smat', 'mrl']):.0f}",
+              f"{seconds(['baseline_lm', 'baseline']):.0f}")]
+    return "\n".join(["## RxT vs a stateless LLM on the same conversations", "", "| | RxT | stateless |",
+                      "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
 def plot(results):

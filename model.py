@@ -12,8 +12,9 @@ So every turn costs the same, however long the conversation: O(N*T) for N turns 
 that re-reads the history pays O(N^2*T).
 
 Read top to bottom: config -> RoPE -> attention (the SQA family) -> feed-forward (SwiGLU, MoE) -> encoder and
-decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline. Where this file departs
-from the reference implementation (RxNN/RxLM), the comment says so and why.
+decoder -> memory attention and its gate -> ReactiveTransformer -> the stateless baseline. Generation (the KV cache,
+sampling, the fast single-token path) is in engine.py. Where this file departs from the reference implementation
+(RxNN/RxLM), the comment says so and why.
 
 References: RxT - A. Filipek, "Reactive Transformer (RxT) - Stateful Real-Time Processing for Event-Driven Reactive
 Language Models", arXiv:2510.03561 (2025), and the RxT-Alpha model cards (the sizes of PRESETS). SQA - A. Filipek,
@@ -137,23 +138,6 @@ def apply_rope(x, cos, sin):
 # Sparse Query Attention (SQA) instead cuts the *query* heads, Hq < H: the score matmuls (T x T per query head) then
 # cost Hq/H of MHA's, which matters where a whole sequence is processed at once (training, prompts, the encoder).
 # Symmetric SQA (sSQA) is Hq = Hkv = H/2, extreme SQA (xSQA) is Hq = Hkv <= H/4. RxT-Alpha uses sSQA everywhere.
-
-
-class KVCache:
-    """Self-attention keys/values of the current interaction only; preallocated, one step appended per forward."""
-
-    def __init__(self, max_len):
-        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
-
-    def append(self, k, v):  # (B, Hkv, T, hd) each
-        if self.k is None:  # (B, Hkv, max_len, hd) each, in the dtype the step produced (bf16 under autocast)
-            self.k, self.v = (t.new_empty(t.size(0), t.size(1), self.max_len, t.size(3)) for t in (k, v))
-        T = k.size(2)
-        assert self.len + T <= self.max_len, "KV cache overflow"
-        self.k[:, :, self.len:self.len + T] = k
-        self.v[:, :, self.len:self.len + T] = v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
 class Attention(nn.Module):
@@ -364,64 +348,6 @@ class Decoder(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.lm_head(self.norm(x)), aux_loss / len(self.layers)
-
-    @torch.no_grad()
-    def stream(self, embed, ids, attn_mask=None, memory_kv=None, *, max_new_tokens=64, temperature=1.0, top_k=None,
-               top_p=None, eos_id=None, generator=None):
-        """Yield the next token (B,) per step of right-padded prompts ids (B, T), attn_mask (B, T), with a real KV cache
-        (one token per forward after the prompt) until every row has said eos_id. What is fixed for the turn is made
-        once: the memory K/V (by the caller), the RoPE table, the caches."""
-        B, T = ids.shape
-        caches = [KVCache(T + max_new_tokens) for _ in self.layers]
-        cos, sin = rope(torch.arange(T + max_new_tokens, device=ids.device), self.cfg.head_dim, self.cfg.rope_base)
-        lengths = torch.full((B,), T, device=ids.device) if attn_mask is None else attn_mask.sum(dim=1)
-        self_mask = None  # no padding: plain causal prompt, then every cached key
-        if attn_mask is not None:  # right padding: pads stay in the cache, masked out
-            key_valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=ids.device)
-            key_valid[:, :T] = attn_mask
-            self_mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & attn_mask[:, None, None, :]
-        logits, _ = self(embed(ids), memory_kv, rope_cs=(cos[:T], sin[:T]), self_mask=self_mask, caches=caches,
-                         logits_at=lengths - 1)
-        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        for step in range(max_new_tokens):
-            tok = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-            yield tok
-            done |= tok == eos_id if eos_id is not None else False
-            if done.all() or step == max_new_tokens - 1:
-                return
-            if attn_mask is None:  # every row is at position T + step
-                step_rope, self_mask = (cos[T + step:T + step + 1], sin[T + step:T + step + 1]), None
-            else:  # each row at its own position (right padding); keys up to this step's slot in the cache
-                pos = lengths + step
-                step_rope = (cos[pos][:, None, None], sin[pos][:, None, None])  # (B, 1, 1, hd)
-                self_mask = key_valid[:, None, None, :T + step + 1]
-            logits, _ = self(embed(tok[:, None]), memory_kv, rope_cs=step_rope, self_mask=self_mask, caches=caches)
-
-    @torch.no_grad()
-    def generate(self, embed, ids, attn_mask=None, memory_kv=None, eos_id=None, **sampling):
-        """Run stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
-        tokens = torch.stack(list(self.stream(embed, ids, attn_mask, memory_kv, eos_id=eos_id, **sampling)), dim=1)
-        lengths = torch.full((ids.size(0),), tokens.size(1), device=ids.device)
-        if eos_id is not None:
-            is_eos = tokens == eos_id
-            lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, lengths)
-        return tokens, lengths
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Sample (B,) tokens from (B, V) logits; temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        p = F.softmax(sorted_logits, dim=-1)
-        drop = p.cumsum(dim=-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def token_loss(logits, targets):
@@ -641,22 +567,23 @@ class ReactiveTransformer(nn.Module):
         return self.memory_attention(stm, self.encode(ids, attn_mask, stm), attn_mask)
 
     @torch.no_grad()
-    def interact(self, query_ids, stm, *, temperature=1.0, top_k=None, top_p=None, max_new_tokens=64, eos_id=None,
-                 generator=None):
+    def interact(self, query_ids, stm, eos_id=None, **sampling):
         """Yield answer token ids (ints) for one query `[BOS][Q] query [A]`, reading STM; stops before [EOS].
-        The caller then writes the turn with update_memory (chat.py does it in a background thread)."""
+        The caller then writes the turn with update_memory (chat.py does it in a background thread). Sampling:
+        temperature, top_k, top_p, max_new_tokens, generator (engine.py generates)."""
+        import engine  # engine builds on this file, so it is imported when needed
         ids = torch.as_tensor(query_ids, device=self.embed.weight.device).view(1, -1)
         memory_kv = self.decoder.project_memory(stm)  # the STM's K/V: once per turn
-        for tok in self.decoder.stream(self.embed, ids, None, memory_kv, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                                       generator=generator):
+        for tok in engine.stream(self.decoder, self.embed, ids, None, memory_kv, eos_id=eos_id, **sampling):
             if tok.item() == eos_id:
                 return
             yield tok.item()
 
     def generate(self, query_ids, query_mask, stm, **sampling):
         """Batched answers for right-padded queries (B, T) reading the STM: tokens (B, N), lengths (B,) with [EOS]."""
-        return self.decoder.generate(self.embed, query_ids, query_mask, self.decoder.project_memory(stm), **sampling)
+        import engine
+        return engine.generate(self.decoder, self.embed, query_ids, query_mask, self.decoder.project_memory(stm),
+                               **sampling)
 
     def compile(self, **kwargs):
         """torch.compile the parts training calls, in place (state_dict keys stay clean: no _orig_mod. prefix)."""
@@ -698,4 +625,5 @@ class StatelessDecoder(nn.Module):
 
     def generate(self, ids, attn_mask=None, **sampling):
         """Batched answers for right-padded prompts (B, T): the whole conversation so far in each."""
-        return self.decoder.generate(self.embed, ids, attn_mask, None, **sampling)
+        import engine
+        return engine.generate(self.decoder, self.embed, ids, attn_mask, None, **sampling)

@@ -28,18 +28,21 @@ DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", out_dir="o
 
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg)
+    device, ctx, rank, world = training.setup(cfg, dict(distances=training.DISTANCES, aux_weight=training.at_least(0)))
+    files = [cfg["episodes_file"]] if cfg["dialogue"] else ["train.bin", "val.bin"]
+    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
+    if cfg["dialogue"]:
+        episodes = [ep for ep in read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
+                    if ep["distance"] in cfg["distances"]]
+        if not episodes:
+            raise training.ConfigError(f"no episodes of distances {cfg['distances']} in {cfg['episodes_file']}")
     model = training.init_model(cfg, tok, device, kind=StatelessDecoder)
     if cfg["seq_len"] > model.cfg.seq_len:
         raise training.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
                                    f"(set model_args={{'seq_len': ...}} when it is created)")
 
     if cfg["dialogue"]:
-        episodes = [ep for ep in read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
-                    if ep["distance"] in cfg["distances"]]
-        if not episodes:
-            raise training.ConfigError(f"no episodes of distances {cfg['distances']} in {cfg['episodes_file']}")
         n_val = max(1, len(episodes) // 50)
         splits = {"val": episodes[:n_val], "train": episodes[n_val:]}
 

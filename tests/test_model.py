@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
 import model
 from model import Attention, ModelConfig, MoEFeedForward, ReactiveTransformer, StatelessDecoder
 
@@ -147,7 +148,7 @@ def test_kv_cache_matches_full_forward():
     ids = torch.randint(0, 97, (2, 30))
     full, _, _ = m.decode(ids, stm)
     memory_kv = m.decoder.project_memory(stm)
-    caches = [model.KVCache(30) for _ in m.decoder.layers]
+    caches = [engine.KVCache(30) for _ in m.decoder.layers]
     logits, _ = m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # prompt
     steps = [logits]
     cos, sin = model.rope(torch.arange(30), m.cfg.head_dim, m.cfg.rope_base)
@@ -155,6 +156,24 @@ def test_kv_cache_matches_full_forward():
         logits, _ = m.decoder(m.embed(ids[:, t:t + 1]), memory_kv, rope_cs=(cos[t:t + 1], sin[t:t + 1]), caches=caches)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, dict(memory_rope=False), dict(memory_qk_norm=True, memory_heads=4),
+                                     dict(n_q_heads=4, n_kv_heads=2), dict(stateless=True)])
+def test_the_fast_single_token_path_gives_the_full_forward_logits(options):
+    """engine.FastStep (one token at a time, weights and RoPE prepared per turn) = Decoder.forward over the sequence."""
+    stateless = options.pop("stateless", False)
+    torch.manual_seed(0)
+    m = (StatelessDecoder if stateless else ReactiveTransformer)(tiny(**options)).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    memory_kv = None if stateless else m.decoder.project_memory(torch.randn(2, 2, 8, 32))
+    full, _ = m.decoder(m.embed(ids), memory_kv)
+    caches = [engine.KVCache(20) for _ in m.decoder.layers]
+    m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # the prompt fills the caches
+    step = engine.FastStep(m.decoder, memory_kv, caches, start=6, max_new_tokens=14)
+    with torch.no_grad():
+        fast = torch.stack([step(m.embed(ids[:, t]), t) for t in range(6, 20)], dim=1)
+    torch.testing.assert_close(fast, full[:, 6:], atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_generation_equals_argmax_of_full_forward_passes():
@@ -304,10 +323,10 @@ def test_interact_stops_at_eos_or_max_new_tokens():
 def test_sampling_respects_top_k_and_top_p():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    assert set(model.sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(engine.sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
     p = F.softmax(logits[0], -1)  # p0 ~ 0.64, p0+p1 ~ 0.88
-    assert set(model.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
-    assert set(model.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(engine.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {0, 1}
+    assert set(engine.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert p[0] > 0.5
 
 
