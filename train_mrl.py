@@ -122,7 +122,7 @@ def set_trainable(model, step, cfg):
     n = cfg["max_iters"]
     groups = {"decoder": True, "memory_attention": step >= cfg["smat_unfreeze_memory_at"] * n,
               "encoder": step >= cfg["smat_unfreeze_encoder_at"] * n, "mlm_head": False}
-    groups["embed"] = groups["encoder"]
+    groups["embed"], groups["stm_init"] = groups["encoder"], groups["memory_attention"]  # stm_init: learned slots
     for name, p in model.named_parameters():
         p.requires_grad_(groups[name.split(".")[0]])
 

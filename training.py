@@ -1,8 +1,8 @@
 """
 The plumbing every training stage shares, so that each stage script shows only its stage:
-configuration (config/*.py + --key=value), user errors as one line, device / bf16 autocast / torchrun, AdamW with
-warmup + cosine, checkpoints (self-contained, atomic, exact resume), and the training loop built from small pieces
-(start, update, evaluate, checkpoint, finish) that a stage with its own loop (MRL) uses too.
+configuration (config/*.py + --key=value) and its checks, user errors as one line, device / bf16 autocast / torchrun,
+AdamW with warmup + cosine, checkpoints (self-contained, atomic, exact resume), and the training loop, written as a
+few small pieces (start, update, evaluate, checkpoint, finish) that read in order.
 """
 
 import argparse

@@ -217,7 +217,7 @@ def test_the_memory_regulariser_alone_trains_the_write_to_change_less(world):
 
 def test_unfreeze_schedule_controls_where_decoder_gradients_flow(world):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
-    model = tiny_model(tok)
+    model = tiny_model(tok, stm_init="learned")  # every kind of parameter, the learned initial slots too
     cfg = cfg_for(max_iters=100, smat_unfreeze_memory_at=0.2, smat_unfreeze_encoder_at=0.5)
     episodes = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 1][:8]
     turns = episode_tensors(tok, episodes, 64, "cpu")
@@ -227,12 +227,15 @@ def test_unfreeze_schedule_controls_where_decoder_gradients_flow(world):
         model.zero_grad(set_to_none=True)
         loss, _ = train_mrl.smat_loss(model, turns, cfg, torch.Generator().manual_seed(0))
         loss.backward()
-        return {part: any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, part).parameters())
-                for part in ("decoder", "memory_attention", "encoder", "embed")}
+        parts = {"decoder": model.decoder.parameters(), "memory_attention": model.memory_attention.parameters(),
+                 "encoder": model.encoder.parameters(), "embed": model.embed.parameters(), "stm_init": [model.stm_init]}
+        return {part: any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps) for part, ps in parts.items()}
 
-    assert grads_at(0) == {"decoder": True, "memory_attention": False, "encoder": False, "embed": False}
-    assert grads_at(20) == {"decoder": True, "memory_attention": True, "encoder": False, "embed": False}
-    assert grads_at(50) == {"decoder": True, "memory_attention": True, "encoder": True, "embed": True}
+    assert grads_at(0) == {"decoder": True, "memory_attention": False, "encoder": False, "embed": False,
+                           "stm_init": False}
+    assert grads_at(20) == {"decoder": True, "memory_attention": True, "encoder": False, "embed": False,
+                            "stm_init": True}
+    assert grads_at(50) == {"decoder": True, "memory_attention": True, "encoder": True, "embed": True, "stm_init": True}
 
 
 def test_train_mrl_runs_every_phase_and_chains_checkpoints(world, tmp_path):
