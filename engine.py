@@ -50,74 +50,89 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def rotations(positions, n_heads, cfg, scale):
-    """(P, n*hd, n*hd) block-diagonal matrices that apply RoPE (the model's half-split layout) to n heads at once."""
-    cos, sin = rope(positions, cfg.head_dim, cfg.rope_base)  # (P, hd) each; sin sign-folded
-    hd, half, i = cfg.head_dim, cfg.head_dim // 2, torch.arange(cfg.head_dim, device=positions.device)
-    r = torch.zeros(len(positions), hd, hd, device=positions.device)
-    r[:, i, i] = cos  # x * cos ...
-    r[:, (i + half) % hd, i] = sin  # ... + roll(x) * sin
-    return torch.stack([torch.block_diag(*[m] * n_heads) for m in r]) * scale
+def rotations(positions, n_rot, n_plain, cfg, scale):
+    """(P, N, N) matrices, N = (n_rot + n_plain) * hd: RoPE at each position (the model's half-split layout) on the
+    first n_rot heads, the last n_plain heads left as they are, every column then multiplied by scale (N,)."""
+    hd, n = cfg.head_dim, n_rot + n_plain
+    cos, sin = rope(positions, hd, cfg.rope_base)  # (P, hd) each; sin sign-folded
+    col = torch.arange(n * hd, device=positions.device)
+    partner = col // hd * hd + (col % hd + hd // 2) % hd  # x * cos + roll(x) * sin, head by head
+    rotated = col < n_rot * hd
+    c = torch.where(rotated, cos[:, col % hd], 1.0) * scale  # (P, N)
+    r = torch.diag_embed(c)
+    r[:, partner[rotated], col[rotated]] = sin[:, col[rotated] % hd] * scale[rotated]
+    return r
 
 
 class FastStep:
     """One token per call, B rows at the same position: the decoder's layers as a flat sequence of 2-D matmuls,
-    against everything prepared once for the turn. Same result as Decoder.forward (a test checks it)."""
+    against everything prepared once for the turn. Same result as Decoder.forward (a test checks it). Every op counts
+    here (a token is a few hundred of them, each a few microseconds): torch.mm, not @; the residual added in place."""
 
-    def __init__(self, decoder, memory_kv, caches, start, max_new_tokens):
-        cfg, hd = decoder.cfg, decoder.cfg.head_dim
-        positions = torch.arange(start, start + max_new_tokens, device=decoder.lm_head.weight.device)
+    def __init__(self, decoder, memory_kv, caches, start, max_new_tokens, gather=None):
+        cfg, hd, dev = decoder.cfg, decoder.cfg.head_dim, decoder.lm_head.weight.device
+        positions = torch.arange(start, start + max_new_tokens, device=dev)
         gain = lambda norm: norm.weight[:, None] * math.sqrt(cfg.d_model)  # x / |x| * gain = RMSNorm(x)
+        sa = decoder.layers[0].self_attn  # one matrix rotates (and scales) q and k and leaves v: [q | k | v] @ R
+        scale = torch.cat([torch.full((sa.n_q * hd,), hd ** -0.5), torch.ones(2 * sa.n_kv * hd)]).to(dev)
+        self.rot = list(rotations(positions, sa.n_q + sa.n_kv, sa.n_kv, cfg, scale))
+        ca = decoder.layers[0].cross_attn  # the read's queries: rotated if memory_rope, the same in every layer
+        c_rot = None if ca is None or not cfg.memory_rope else list(
+            rotations(positions, ca.n_q, 0, cfg, torch.full((ca.n_q * hd,), hd ** -0.5, device=dev)))
         self.layers = []
         for layer, cache, mem in zip(decoder.layers, caches, memory_kv or [None] * len(caches)):
             sa, ca, moe, B = layer.self_attn, layer.cross_attn, layer.moe, cache.kv.size(1)
             k, v = cache.kv.view(2, B * sa.n_kv, cache.max_len, hd)  # views of the cache
-            L = dict(qkv=gain(layer.norm1) * sa.qkv_proj.weight.t(), nq=sa.n_q * hd, heads=B * sa.n_q,
+            L = dict(qkv=gain(layer.norm1) * sa.qkv_proj.weight.t(), split=[sa.n_q * hd, 2 * sa.n_kv * hd],
+                     heads=(B * sa.n_kv, sa.n_q // sa.n_kv, hd),  # grouped K/V: gqa query heads share a key head
                      out=sa.out_proj.weight.t(), out_b=sa.out_proj.bias,
                      write=[cache.kv[:, :, :, p].transpose(0, 1) for p in positions.tolist()],  # (B, 2, Hkv, hd)
                      read=[(k[:, :p + 1].transpose(1, 2), v[:, :p + 1]) for p in positions.tolist()],
                      router=gain(layer.norm3) * moe.router.weight.t(), g3=gain(layer.norm3)[:, 0], k=moe.top_k,
-                     w1=moe.w_gate_up, w2=moe.w_down)
-            if ca is not None:  # the memory's K/V are fixed for the turn; the read's queries are scaled up front
+                     w1=moe.w_gate_up, w2=moe.w_down, w1s=moe.w_gate_up.unbind(0), w2s=moe.w_down.unbind(0))
+            if ca is not None:  # the memory's K/V are fixed for the turn
                 cq = gain(layer.norm2) * ca.qkv_proj.weight[:ca.n_q * hd].t()
-                L.update(c_out=ca.out_proj.weight.t(), c_out_b=ca.out_proj.bias, c_heads=B * ca.n_q, c_norm=ca.q_norm,
-                         mk=mem[0].repeat_interleave(ca.n_q // ca.n_kv, 1).flatten(0, 1).transpose(1, 2),
-                         mv=mem[1].repeat_interleave(ca.n_q // ca.n_kv, 1).flatten(0, 1),
-                         cq=cq if cfg.memory_rope or ca.q_norm is not None else cq / math.sqrt(hd),
-                         c_rot=list(rotations(positions, ca.n_q, cfg, 1 / math.sqrt(hd))) if cfg.memory_rope else None)
+                L.update(c_out=ca.out_proj.weight.t(), c_out_b=ca.out_proj.bias, c_heads=(B * ca.n_kv, -1, hd),
+                         c_norm=ca.q_norm, c_rot=c_rot, mk=mem[0].flatten(0, 1).transpose(1, 2), mv=mem[1].flatten(0, 1),
+                         # scaled up front unless QK-norm comes between projection and scale
+                         cq=cq if c_rot is not None or ca.q_norm is not None else cq * hd ** -0.5)
             self.layers.append(L)
-        sa = decoder.layers[0].self_attn  # one matrix rotates (and scales) q and k and leaves v: [q | k | v] @ R
-        scale = torch.cat([torch.full((sa.n_q * hd,), 1 / math.sqrt(hd)), torch.ones(sa.n_kv * hd)])
-        rot = rotations(positions, sa.n_q + sa.n_kv, cfg, scale.to(positions.device))
-        self.rot = list(torch.block_diag(*[m, torch.eye(sa.n_kv * hd, device=m.device)]) for m in rot)
         self.head, self.head_b, self.g = decoder.lm_head.weight.t(), decoder.lm_head.bias, gain(decoder.norm)[:, 0]
-        self.hd, self.start, self.gqa = hd, start, sa.n_q // sa.n_kv
+        self.hd, self.start = hd, start
+        # copying k experts' weights per token (the gather) costs more than the matmuls on a CPU
+        self.views = dev.type == "cpu" and caches[0].kv.size(1) == 1 if gather is None else not gather
 
-    def __call__(self, x, pos):  # x (B, D) the new token's embedding at position pos -> logits (B, V)
+    def __call__(self, x, pos):  # x (B, D) the new token's embedding at position pos (overwritten) -> logits (B, V)
         i, hd, B = pos - self.start, self.hd, x.size(0)
         for L in self.layers:
-            qkv = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) @ L["qkv"] @ self.rot[i]  # norm, project, RoPE
-            L["write"][i].copy_(qkv[:, L["nq"]:].view(B, 2, -1, hd))  # this position's key and value
-            keys, values = L["read"][i]
-            q = qkv[:, :L["nq"]].reshape(L["heads"], 1, hd)
-            if self.gqa > 1:  # grouped K/V: each key/value head serves gqa query heads
-                keys, values = (t.repeat_interleave(self.gqa, 0) for t in (keys, values))
-            y = torch.bmm(torch.softmax(torch.bmm(q, keys), dim=-1), values)  # (B*Hq, 1, hd)
-            x = x + torch.addmm(L["out_b"], y.view(B, -1), L["out"])
-            if "cq" in L:  # memory cross-attention: queries normed (QK-norm), rotated (memory_rope), scaled
-                q = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) @ L["cq"]
+            qkv = torch.mm(torch.mm(x / torch.linalg.vector_norm(x, dim=-1, keepdim=True), L["qkv"]), self.rot[i])
+            q, kv = qkv.split(L["split"], dim=1)  # norm, project, RoPE; this position's key and value to the cache:
+            L["write"][i].copy_(kv.view(B, 2, -1, hd))
+            keys, values = L["read"][i]  # (B*Hkv, hd, T), (B*Hkv, T, hd)
+            y = torch.bmm(torch.softmax(torch.bmm(q.reshape(L["heads"]), keys), dim=-1), values)  # (B*Hkv, gqa, hd)
+            x = x.addmm_(y.view(B, -1), L["out"]).add_(L["out_b"])  # the residual, in place
+            if "cq" in L:  # memory cross-attention over the slots: queries normed (QK-norm), rotated (memory_rope)
+                q = torch.mm(x / torch.linalg.vector_norm(x, dim=-1, keepdim=True), L["cq"])
                 if L["c_norm"] is not None:
-                    q = L["c_norm"](q.view(L["c_heads"], hd)).view(B, -1) / math.sqrt(hd) ** (L["c_rot"] is None)
-                q = (q if L["c_rot"] is None else q @ L["c_rot"][i]).view(L["c_heads"], 1, hd)
-                y = torch.bmm(torch.softmax(torch.bmm(q, L["mk"]), dim=-1), L["mv"])  # over the memory slots
-                x = x + torch.addmm(L["c_out_b"], y.view(B, -1), L["c_out"])
+                    q = L["c_norm"](q.view(B, -1, hd)).view(B, -1) * (hd ** -0.5 if L["c_rot"] is None else 1.0)
+                if L["c_rot"] is not None:
+                    q = torch.mm(q, L["c_rot"][i])
+                y = torch.bmm(torch.softmax(torch.bmm(q.view(L["c_heads"]), L["mk"]), dim=-1), L["mv"])
+                x = x.addmm_(y.view(B, -1), L["c_out"]).add_(L["c_out_b"])
             h = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            p, e = torch.softmax(h @ L["router"], dim=-1).topk(L["k"], dim=-1)  # (B, k) each
-            hs = (h * L["g3"]).unsqueeze(1).expand(B, L["k"], -1).reshape(-1, 1, h.size(-1))  # (B*k, 1, D)
-            e = e.view(-1)
-            y = torch.bmm(glu(torch.bmm(hs, L["w1"].index_select(0, e))), L["w2"].index_select(0, e))  # chosen experts
-            x = x + ((p / p.sum(dim=-1, keepdim=True)).unsqueeze(-1) * y.view(B, L["k"], -1)).sum(dim=1)
-        return torch.addmm(self.head_b, x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.g, self.head)
+            top, e = torch.mm(h, L["router"]).topk(L["k"], dim=-1)  # softmax over the k chosen = renormalised top-k
+            h = h * L["g3"]
+            if self.views:  # one row on the CPU: reading the expert ids costs nothing, the weights are used in place
+                top = top[0].tolist()
+                w = [math.exp(t - top[0]) for t in top]  # the softmax of k numbers, on the host
+                for expert, w_e in zip(e[0].tolist(), w):
+                    x = x.addmm_(glu(torch.mm(h, L["w1s"][expert])), L["w2s"][expert], alpha=w_e / sum(w))
+            else:  # on a GPU, no host sync: the k experts' weights gathered, run as one batch
+                hs = h.unsqueeze(1).expand(B, L["k"], -1).reshape(-1, 1, h.size(-1))  # (B*k, 1, D)
+                e = e.view(-1)
+                y = torch.bmm(glu(torch.bmm(hs, L["w1"][e])), L["w2"][e])  # the chosen experts: (B*k, 1, D)
+                x = x.add_(torch.bmm(torch.softmax(top, dim=-1).view(B, 1, -1), y.view(B, L["k"], -1)).view(B, -1))
+        return torch.mm(x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.g, self.head) + self.head_b
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ class Attention(nn.Module):
 
 
 def glu(h):  # [Wg x | Wu x] -> silu(Wg x) * Wu x
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = h.split([h.size(-1) // 2] * 2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -575,9 +575,10 @@ class ReactiveTransformer(nn.Module):
         ids = torch.as_tensor(query_ids, device=self.embed.weight.device).view(1, -1)
         memory_kv = self.decoder.project_memory(stm)  # the STM's K/V: once per turn
         for tok in engine.stream(self.decoder, self.embed, ids, None, memory_kv, eos_id=eos_id, **sampling):
-            if tok.item() == eos_id:
+            tok = tok.item()
+            if tok == eos_id:
                 return
-            yield tok.item()
+            yield tok
 
     def generate(self, query_ids, query_mask, stm, **sampling):
         """Batched answers for right-padded queries (B, T) reading the STM: tokens (B, N), lengths (B,) with [EOS]."""

@@ -10,3 +10,4 @@ min_lr = 2e-4
 warmup_iters = 30
 eval_interval = 200
 noise_std = 0.15
+ed_swap = 0.5  # half the rows read another row's ED: the decoder must also answer from its own query

@@ -10,3 +10,4 @@ lr = 1e-3
 min_lr = 1e-4
 warmup_iters = 20
 eval_interval = 200
+ed_swap = 0.5  # half the rows read another row's ED: the decoder must also answer from its own query

@@ -402,8 +402,11 @@ def main(argv):
     parser.add_argument("--n_episodes", type=int, default=20_000)
     parser.add_argument("--n_test_episodes", type=int, default=2_000)
     parser.add_argument("--vocab_size", type=int, default=2048)
-    parser.add_argument("--acks_only", action="store_true", help="fact turns are answered by an acknowledgement only")
-    parser.add_argument("--binding", type=float, default=0.0, help="share of question turns that are binding questions")
+    # the defaults are the levers that measured best (README, "Making memory bind"); --echo --binding=0 is the old world
+    parser.add_argument("--echo", action="store_true", help="fact turns are answered by an echo of the facts and an "
+                        "acknowledgement (default: the acknowledgement only)")
+    parser.add_argument("--binding", type=float, default=0.5, help="share of training question turns that are binding "
+                        "questions (two people, one slot)")
     args = parser.parse_args(argv)
     # every distance (5) and kind (3) at least twice, so that the validation split has each
     training.check(vars(args), n_stories=training.at_least(100), n_interactions=training.at_least(50),
@@ -413,7 +416,7 @@ def main(argv):
         raise training.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     t0 = time.time()
     build_world(args.out_dir, args.seed, args.n_stories, args.n_interactions, args.n_episodes,
-                args.n_test_episodes, args.vocab_size, acks_only=args.acks_only, binding=args.binding)
+                args.n_test_episodes, args.vocab_size, acks_only=not args.echo, binding=args.binding)
     print(f"memory world ready in {args.out_dir} ({time.time() - t0:.1f}s):")
     for name in sorted(os.listdir(args.out_dir)):
         print(f"  {name:24s} {os.path.getsize(os.path.join(args.out_dir, name)) / 1e6:8.2f} MB")

@@ -159,18 +159,21 @@ def test_kv_cache_matches_full_forward():
 
 
 @pytest.mark.parametrize("options", [{}, dict(memory_rope=False), dict(memory_qk_norm=True, memory_heads=4),
-                                     dict(n_q_heads=4, n_kv_heads=2), dict(stateless=True)])
+                                     dict(n_q_heads=4, n_kv_heads=2), dict(stateless=True), dict(rows=1),
+                                     dict(rows=1, gather=True)])
 def test_the_fast_single_token_path_gives_the_full_forward_logits(options):
-    """engine.FastStep (one token at a time, weights and RoPE prepared per turn) = Decoder.forward over the sequence."""
-    stateless = options.pop("stateless", False)
+    """engine.FastStep (one token at a time, weights and RoPE prepared per turn) = Decoder.forward over the sequence,
+    with the experts gathered (batches, GPUs) or used in place (one row on a CPU)."""
+    stateless, rows, gather = options.pop("stateless", False), options.pop("rows", 2), options.pop("gather", None)
     torch.manual_seed(0)
     m = (StatelessDecoder if stateless else ReactiveTransformer)(tiny(**options)).eval()
-    ids = torch.randint(0, 97, (2, 20))
-    memory_kv = None if stateless else m.decoder.project_memory(torch.randn(2, 2, 8, 32))
+    ids = torch.randint(0, 97, (rows, 20))
+    memory_kv = None if stateless else m.decoder.project_memory(torch.randn(2, rows, 8, 32))
     full, _ = m.decoder(m.embed(ids), memory_kv)
     caches = [engine.KVCache(20) for _ in m.decoder.layers]
     m.decoder(m.embed(ids[:, :6]), memory_kv, caches=caches)  # the prompt fills the caches
-    step = engine.FastStep(m.decoder, memory_kv, caches, start=6, max_new_tokens=14)
+    step = engine.FastStep(m.decoder, memory_kv, caches, start=6, max_new_tokens=14, gather=gather)
+    assert step.views == (rows == 1 and not gather)
     with torch.no_grad():
         fast = torch.stack([step(m.embed(ids[:, t]), t) for t in range(6, 20)], dim=1)
     torch.testing.assert_close(fast, full[:, 6:], atol=1e-4, rtol=1e-4)
