@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import training
-from data.loaders import (collate_interactions, collate_queries, episode_tensors, episode_turns, join_answers,
-                          pad_rows)
+from data.loaders import (collate_interactions, collate_queries, episode_pools, episode_tensors, episode_turns,
+                          join_answers, pad_rows)
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
 from evaluate import bleu, exact_match
@@ -35,6 +35,7 @@ DEFAULTS = dict(
     data_dir="data/cache/world", episodes_file="episodes_train.jsonl",
     out_dir="out/nano", phases="mem,smat,mrl",  # phase p writes out_dir/p/ckpt.pt
     seq_len=128,  # longest interaction
+    length_buckets=1,  # >1: each batch comes from one of this many length ranges (every turn pads to its longest)
     # curricula: lists of episode distances (turns from fact to probe), stepped through evenly over a phase
     mem_curriculum=[[1, 2, 4]], smat_curriculum=[[1, 2], [1, 2, 4], [1, 2, 4, 8]], mrl_curriculum=[[2], [4], [8], [16]],
     mem_iters=100, smat_iters=500, mrl_iters=200, mem_lr=1e-3, smat_lr=5e-4, mrl_lr=5e-5,
@@ -56,7 +57,7 @@ RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", 
     **{k: training.between(0, 1) for k in ("smat_unfreeze_memory_at", "smat_unfreeze_encoder_at", "mrl_reset_prob")},
     **{k: training.at_least(0) for k in ("mem_noise", "smat_aux_weight", "mrl_top_k", "mrl_entropy_coef",
        "mrl_value_coef", "mrl_memory_reg", "mrl_kl_coef", "mrl_bleu_weight", "mrl_recall_weight", "mrl_cosine_weight")},
-    mrl_max_answer=training.at_least(1), mrl_ppo_epochs=training.at_least(1), mrl_top_p=training.between(0.01, 1),
+    length_buckets=training.at_least(1), mrl_max_answer=training.at_least(1), mrl_ppo_epochs=training.at_least(1), mrl_top_p=training.between(0.01, 1),
     mrl_temperature=training.POSITIVE, mrl_clip_eps=training.POSITIVE, mrl_reset_std=training.POSITIVE)
 
 
@@ -65,8 +66,10 @@ def episode_batch(cfg, pools, split, step, curriculum, g):
     this step: its lists of distances are stepped through in equal parts of the phase."""
     distances = curriculum[min(len(curriculum) - 1, step * len(curriculum) // max(1, cfg["max_iters"]))]
     distances = [d for d in distances if d in pools[split]]  # main() checked them on the training split
-    pool = pools[split][distances[torch.randint(len(distances), (1,), generator=g).item()]]
-    return [pool[i] for i in torch.randint(len(pool), (cfg["batch_size"],), generator=g).tolist()]
+    pool = pools[split][distances[torch.randint(len(distances), (1,), generator=g).item()]]  # sorted by length:
+    w = max(cfg["batch_size"], len(pool) // cfg["length_buckets"])  # a window of similar lengths pads less
+    lo = torch.randint(len(pool) - w + 1, (1,), generator=g).item() if w < len(pool) else 0
+    return [pool[lo + i] for i in torch.randint(min(w, len(pool)), (cfg["batch_size"],), generator=g).tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -274,10 +277,7 @@ def main(argv):
     training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", cfg["episodes_file"]])
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
-    n_val = max(1, len(episodes) // 50)
-    pools = {"train": {}, "val": {}}  # split -> distance -> episodes
-    for i, ep in enumerate(episodes):
-        pools["val" if i < n_val else "train"].setdefault(ep["distance"], []).append(ep)
+    pools = episode_pools(episodes, n_val=max(1, len(episodes) // 50))  # split -> distance -> episodes
     for phase in phases:
         missing = sorted({d for entry in cfg[f"{phase}_curriculum"] for d in entry} - set(pools["train"]))
         if missing or not all(set(entry) & set(pools["val"]) for entry in cfg[f"{phase}_curriculum"]):

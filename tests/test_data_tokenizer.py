@@ -6,7 +6,7 @@ import pytest
 import tiktoken
 
 from data.loaders import render_interaction, render_query
-from data.tokenizer import (PAT_STR, SPECIAL_TOKENS, Tokenizer, load_ranks, merge_word, save_ranks, train_bpe)
+from data.tokenizer import PAT_STR, SPECIAL_TOKENS, Tokenizer, load_ranks, save_ranks, train_bpe
 
 VARIED = [
     "Once upon a time, Mia had a red ball. She's happy; they'll play at 10:30!",
@@ -58,8 +58,19 @@ def reference_bpe(texts, vocab_size):
         if merged not in ranks:
             ranks[merged] = len(vocab)
             vocab.append(merged)
-        words = [(merge_word(ids, pair, ranks[merged]), c) for ids, c in words]
+        words = [(textbook_merge(ids, pair, ranks[merged]), c) for ids, c in words]
     return ranks
+
+
+def textbook_merge(ids, pair, new_id):
+    """The merge written independently of data.tokenizer: scan the word, join each pair found, skip past it."""
+    out = list(ids)
+    i = 0
+    while i + 1 < len(out):
+        if (out[i], out[i + 1]) == pair:
+            out[i:i + 2] = [new_id]
+        i += 1
+    return out
 
 
 def reference_encode(ranks, text):

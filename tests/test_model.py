@@ -26,7 +26,7 @@ def tiny_model(seed=0, **kw):
 # --- sizes ---------------------------------------------------------------------------------------------------------
 
 def test_micro_parameter_counts_match_the_cards():
-    # cards / DESIGN 2.7: encoder ~2.05M (card ~2.1M), decoder ~9.4M total / ~3.5M active, memory attention ~1.2M,
+    # the micro card: encoder ~2.05M (card ~2.1M), decoder ~9.4M total / ~3.5M active, memory attention ~1.2M,
     # MLM head ~0.98M
     counts = ReactiveTransformer(model.PRESETS["micro"]).param_counts()
     assert counts == {"encoder": 2_043_648, "decoder": 9_412_556, "decoder_active": 3_514_316,
@@ -34,7 +34,7 @@ def test_micro_parameter_counts_match_the_cards():
 
 
 def test_mini_parameter_counts_match_the_cards():
-    # DESIGN 2.7: encoder ~9.1M with its 8q/4kv memory cross-attention (card ~11M), decoder ~58M / ~13.6M active,
+    # the mini card's layout: encoder ~9.1M with its 8q/4kv memory cross-attention (card ~11M), decoder ~58M / ~13.6M active,
     # MLM head ~2.6M
     counts = ReactiveTransformer(model.PRESETS["mini"]).param_counts()
     assert counts == {"encoder": 9_125_888, "decoder": 57_604_112, "decoder_active": 13_563_920,

@@ -3,6 +3,7 @@
 import math
 import os
 import random
+import runpy
 from collections import Counter
 
 import pytest
@@ -101,16 +102,25 @@ def colour_episodes(n, seed):
     return eps
 
 
-def test_smat_makes_recall_beat_the_reset_memory_control(world):
-    """The end-to-end memory test: after SMAT, the answer told one turn earlier is recalled far above chance,
-    and the same model with its memory reset before the probe is not."""
-    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
-    model = tiny_model(tok)
+def binding_episodes(n, seed):
+    """Turn 1 gives the same slot to two people ("Mia likes red. Tom likes blue."), the probe asks for one of them."""
+    rng, eps = random.Random(seed), []
+    for _ in range(n):
+        (a, b), (ca, cb) = rng.sample(NAMES, 2), rng.sample(COLOURS, 2)
+        told = [f"{a} likes {ca}.", f"{b} likes {cb}."]
+        rng.shuffle(told)
+        eps.append({"query": " ".join(told), "answer": "I see.", "distance": 1, "gold": ca,
+                    "interactions": [{"query": f"What does {a} like?", "answer": ca}]})
+    return eps
+
+
+def smat_recall_and_control(tok, train, test, steps=250, **model_options):
+    """Train a tiny model with SMAT on train episodes; recall on test, and with the memory reset before the probe."""
+    model = tiny_model(tok, **model_options)
     cfg, g = cfg_for(), torch.Generator().manual_seed(0)
-    train = colour_episodes(2000, seed=1)
     params = [p for n, p in model.named_parameters() if not n.startswith("mlm_head.")]
     opt = torch.optim.AdamW(params, lr=3e-3)
-    for step in range(250):
+    for step in range(steps):
         batch = [train[i] for i in torch.randint(len(train), (32,), generator=g).tolist()]
         loss, _ = train_mrl.smat_loss(model, episode_tensors(tok, batch, 64, "cpu"), cfg, g)
         opt.zero_grad()
@@ -118,11 +128,29 @@ def test_smat_makes_recall_beat_the_reset_memory_control(world):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     model.eval()
-    test = colour_episodes(200, seed=2)
     ecfg = dict(evaluate.DEFAULTS, max_answer=4)
     recall = sum(evaluate.play(model, tok, test, ecfg)) / len(test)
     control = sum(evaluate.play(model, tok, test, ecfg, reset_before_probe=True)) / len(test)
+    return recall, control
+
+
+def test_smat_makes_recall_beat_the_reset_memory_control(world):
+    """The end-to-end memory test: after SMAT, the answer told one turn earlier is recalled far above chance,
+    and the same model with its memory reset before the probe is not."""
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    recall, control = smat_recall_and_control(tok, colour_episodes(2000, seed=1), colour_episodes(200, seed=2))
     assert recall > 0.6 and control < 0.3, (recall, control)  # chance is 1/8
+
+
+def test_binding_recall_beats_the_reset_memory_control(world):
+    """Two people, one slot, one turn earlier: with nano's memory options the answer comes from memory, far above
+    the reset control. Measured: recall 0.53, control 0.0 (the reference options: 0.27 vs 0.14). At this size the
+    model remembers the two colours told but not reliably whose each was, so the bar is the control, not 0.5."""
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    options = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "config", "nano_mlm.py"))["model_args"]
+    recall, control = smat_recall_and_control(tok, binding_episodes(2000, seed=1), binding_episodes(200, seed=2),
+                                              steps=400, **options)
+    assert recall > control + 0.3, (recall, control)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
