@@ -444,6 +444,9 @@ def test_mlm_loss_is_the_head_cross_entropy_on_masked_positions_only():
     want = F.cross_entropy(torch.stack([logits[0, 3], logits[1, 7]]), torch.stack([ids[0, 3], ids[1, 7]]))
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(ed, m.encode(masked))
+    guessed = targets.clone()  # targets the head gets right: accuracy 1 on the masked positions, not 2 of 20
+    guessed[0, 3], guessed[1, 7] = logits[0, 3].argmax(), logits[1, 7].argmax()
+    assert m.mlm(masked, torch.ones_like(ids, dtype=torch.bool), guessed)[2].item() == 1.0
 
 
 def test_balancing_loss_gradient_reaches_the_router():

@@ -84,11 +84,12 @@ def test_policy_stability_kl_is_zero_for_an_unchanged_policy_and_positive_after_
     critic = train_mrl.Critic(model)
     play = train_mrl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
     _, first = train_mrl.impo_loss(model, critic, play, cfg)  # the rollout's policy: nothing changed yet
-    assert first["kl"] == 0.0
+    assert first["kl"] == 0.0 and abs(first["ratio"] - 1) < 1e-6
     with torch.no_grad():
         model.decoder.lm_head.weight.add_(0.05 * torch.randn_like(model.decoder.lm_head.weight))
     _, second = train_mrl.impo_loss(model, critic, play, cfg)
     assert second["kl"] > 1e-4, second["kl"]
+    assert abs(second["ratio"] - 1) > 1e-4, second["ratio"]  # the surrogate's ratio is against the rollout's policy
 
 
 def test_an_answer_cut_before_its_eos_is_not_an_exact_match(world):
