@@ -253,7 +253,7 @@ def bench_conversation(args, device, amp, quiet=False):
     g = torch.Generator().manual_seed(args.seed)
     # real text is not needed for a cost: random ids, answers forced to exactly ANSWER_LEN tokens (no [EOS] stop)
     queries = [torch.randint(V, (QUERY_LEN,), generator=g).to(device) for _ in range(args.turns)]
-    result = {"preset": args.ckpt or args.preset, "baseline": args.baseline_ckpt or args.preset, "turns": args.turns,
+    result = {"preset": args.ckpt or args.preset, "baseline_model": args.baseline_ckpt or args.preset, "turns": args.turns,
               "query_len": QUERY_LEN, "answer_len": ANSWER_LEN,
               "repeats": args.repeats}
     for name, model in models.items():
@@ -295,7 +295,9 @@ def bench_conversation(args, device, amp, quiet=False):
         r, b = rxt["per_turn"][n - 1], base["per_turn"][n - 1]
         rows.append([n, ms(r["prefill"]), ms(r["generation"]), ms(r["update"]), ms(r["user"]), r["tokens"],
                      ms(b["prefill"]), ms(b["generation"]), ms(b["user"]), b["tokens"]])
-    print_table(f"1. Conversation cost: {args.preset}, {QUERY_LEN}-token queries, {ANSWER_LEN}-token greedy answers "
+    rxt_name, base_name = args.ckpt or args.preset, args.baseline_ckpt or args.preset
+    names = rxt_name if rxt_name == base_name else f"{rxt_name} vs {base_name}"
+    print_table(f"1. Conversation cost: {names}, {QUERY_LEN}-token queries, {ANSWER_LEN}-token greedy answers "
                 f"(ms, median of {args.repeats}; user = prefill + generation; RxT's update is off the user's path)",
                 ["turn", "RxT prefill", "gen", "update", "user", "tokens", "base prefill", "gen", "user", "tokens"],
                 rows)
