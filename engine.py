@@ -9,6 +9,7 @@ views of the cache for every position - so that a token costs a dozen matmuls pe
 batches (MRL rollouts, evaluation) take the ordinary forward pass for every token, with a key mask.
 """
 
+import contextlib
 import math
 
 import torch
@@ -149,8 +150,15 @@ def stream(decoder, embed, ids, attn_mask=None, memory_kv=None, *, max_new_token
         key_valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=ids.device)
         key_valid[:, :T] = attn_mask
         self_mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & attn_mask[:, None, None, :]
-    logits, _ = decoder(embed(ids), memory_kv, rope_cs=(cos[:T], sin[:T]), self_mask=self_mask, caches=caches,
-                        logits_at=lengths - 1)
+    exact = contextlib.nullcontext
+    if attn_mask is None and torch.is_autocast_enabled(ids.device.type):
+        # FastStep computes in the weights' dtype, so under autocast the prompt runs without it too: one dtype in
+        # the cache, the memory's K/V and the weights
+        exact = lambda: torch.autocast(ids.device.type, enabled=False)
+        memory_kv = memory_kv and [kv and tuple(t.to(decoder.lm_head.weight.dtype) for t in kv) for kv in memory_kv]
+    with exact():
+        logits, _ = decoder(embed(ids), memory_kv, rope_cs=(cos[:T], sin[:T]), self_mask=self_mask, caches=caches,
+                            logits_at=lengths - 1)
     logits = logits[:, -1]
     fast = FastStep(decoder, memory_kv, caches, T, max_new_tokens) if attn_mask is None else None
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -161,7 +169,8 @@ def stream(decoder, embed, ids, attn_mask=None, memory_kv=None, *, max_new_token
         if done.all() or step == max_new_tokens - 1:
             return
         if fast is not None:
-            logits = fast(embed(tok), T + step)
+            with exact():
+                logits = fast(embed(tok), T + step)
         else:  # each row at its own position (right padding); keys up to this step's slot in the cache
             pos = lengths + step
             logits, _ = decoder(embed(tok[:, None]), memory_kv, rope_cs=(cos[pos][:, None, None], sin[pos][:, None, None]),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import training
-from model import ModelConfig, ReactiveTransformer
+from model import ModelConfig, ReactiveTransformer, get_config
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_q_heads=2, n_kv_heads=2, enc_ff_dim=32,
                   n_experts=4, top_k=2, expert_dim=32, seq_len=16, stm_size=8)
@@ -64,3 +64,15 @@ def test_adamw_is_fused_where_pytorch_has_the_kernel_and_falls_back_elsewhere(mo
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
     optimizer = training.make_optimizer(params, cfg, torch.device("cpu"))
     assert not optimizer.defaults.get("fused") and "no fused AdamW" in capsys.readouterr().out
+
+
+def test_generation_under_bf16_autocast_takes_the_fast_path_in_the_weights_dtype():
+    """chat and bench may run under autocast: the single-token path then computes in fp32 (prompt included, so the
+    cache has one dtype) and answers exactly as without autocast."""
+    torch.manual_seed(0)
+    m = ReactiveTransformer(get_config("nano", vocab_size=200)).eval()
+    stm, query = m.new_memory(1), torch.randint(0, 200, (8,))
+    want = list(m.interact(query, stm, temperature=0, max_new_tokens=6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = list(m.interact(query, stm, temperature=0, max_new_tokens=6))
+    assert got == want
