@@ -33,10 +33,11 @@ def main(argv):
     training.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     if cfg["dialogue"]:
-        episodes = [ep for ep in read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
-                    if ep["distance"] in cfg["distances"]]
-        if not episodes:
-            raise training.ConfigError(f"no episodes of distances {cfg['distances']} in {cfg['episodes_file']}")
+        episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
+        have = sorted({ep["distance"] for ep in episodes})
+        if set(cfg["distances"]) - set(have):
+            raise training.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
+        episodes = [ep for ep in episodes if ep["distance"] in cfg["distances"]]
     model = training.init_model(cfg, tok, device, kind=StatelessDecoder)
     if cfg["seq_len"] > model.cfg.seq_len:
         raise training.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "

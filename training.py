@@ -268,8 +268,9 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, ...
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}")
+        first = (str(e).splitlines() or ["empty or cut short"])[0].split(". ")[0][:120]  # torch's first sentence
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}): not a nanoRxT "
+                              f"checkpoint, or a damaged one")
     missing = {"model", "model_config", "stage", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a nanoRxT checkpoint (missing {sorted(missing)})")

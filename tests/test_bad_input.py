@@ -74,6 +74,7 @@ def stage_cases(world, out):
         (train_mrl.main, flags + ["--max_iters=10"], ["max_iters"]),  # each phase has its own
         (train_baseline.main, flags + ["--distances=[]"], ["distances"]),
         (train_baseline.main, flags + ["--dialogue=True", "--distances=[99]"], ["99"]),
+        (train_baseline.main, flags + ["--dialogue=True", "--distances=[1,99]"], ["99"]),
     ]
 
 
