@@ -253,9 +253,8 @@ def bench_conversation(args, device, amp, quiet=False):
     g = torch.Generator().manual_seed(args.seed)
     # real text is not needed for a cost: random ids, answers forced to exactly ANSWER_LEN tokens (no [EOS] stop)
     queries = [torch.randint(V, (QUERY_LEN,), generator=g).to(device) for _ in range(args.turns)]
-    result = {"preset": args.ckpt or args.preset, "baseline_model": args.baseline_ckpt or args.preset, "turns": args.turns,
-              "query_len": QUERY_LEN, "answer_len": ANSWER_LEN,
-              "repeats": args.repeats}
+    result = {"preset": args.ckpt or args.preset, "baseline_model": args.baseline_ckpt or args.preset,
+              "turns": args.turns, "query_len": QUERY_LEN, "answer_len": ANSWER_LEN, "repeats": args.repeats}
     for name, model in models.items():
         run_conversation(name, model, queries[:2], device, amp)  # warm-up
         runs, peaks = [], []

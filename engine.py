@@ -94,7 +94,8 @@ class FastStep:
             if ca is not None:  # the memory's K/V are fixed for the turn
                 cq = gain(layer.norm2) * ca.qkv_proj.weight[:ca.n_q * hd].t()
                 L.update(c_out=ca.out_proj.weight.t(), c_out_b=ca.out_proj.bias, c_heads=(B * ca.n_kv, -1, hd),
-                         c_norm=ca.q_norm, c_rot=c_rot, mk=mem[0].flatten(0, 1).transpose(1, 2), mv=mem[1].flatten(0, 1),
+                         c_norm=ca.q_norm, c_rot=c_rot, mk=mem[0].flatten(0, 1).transpose(1, 2),
+                         mv=mem[1].flatten(0, 1),
                          # scaled up front unless QK-norm comes between projection and scale
                          cq=cq if c_rot is not None or ca.q_norm is not None else cq * hd ** -0.5)
             self.layers.append(L)

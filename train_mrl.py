@@ -66,8 +66,8 @@ def episode_batch(cfg, pools, split, step, curriculum, g):
     this step: its lists of distances are stepped through in equal parts of the phase."""
     distances = curriculum[min(len(curriculum) - 1, step * len(curriculum) // max(1, cfg["max_iters"]))]
     distances = [d for d in distances if d in pools[split]]  # main() checked them on the training split
-    pool = pools[split][distances[torch.randint(len(distances), (1,), generator=g).item()]]  # sorted by length:
-    w = max(cfg["batch_size"], len(pool) // cfg["length_buckets"])  # a window of similar lengths pads less
+    pool = pools[split][distances[torch.randint(len(distances), (1,), generator=g).item()]]
+    w = max(cfg["batch_size"], len(pool) // cfg["length_buckets"])  # buckets: a window of the length-sorted pool
     lo = torch.randint(len(pool) - w + 1, (1,), generator=g).item() if w < len(pool) else 0
     return [pool[lo + i] for i in torch.randint(min(w, len(pool)), (cfg["batch_size"],), generator=g).tolist()]
 
@@ -277,7 +277,7 @@ def main(argv):
     training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", cfg["episodes_file"]])
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
-    pools = episode_pools(episodes, n_val=max(1, len(episodes) // 50))  # split -> distance -> episodes
+    pools = episode_pools(episodes, max(1, len(episodes) // 50), by_length=cfg["length_buckets"] > 1)
     for phase in phases:
         missing = sorted({d for entry in cfg[f"{phase}_curriculum"] for d in entry} - set(pools["train"]))
         if missing or not all(set(entry) & set(pools["val"]) for entry in cfg[f"{phase}_curriculum"]):

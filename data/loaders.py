@@ -153,12 +153,13 @@ def episode_tensors(tok, episodes, max_len, device, pad_to=None):
     return out
 
 
-def episode_pools(episodes, n_val):
-    """{"train" | "val": {distance: episodes}}, the first n_val episodes for validation. Each pool is sorted by its
-    episodes' longest turn, so that a batch drawn from neighbours pads every turn less (train_mrl's length_buckets)."""
+def episode_pools(episodes, n_val, by_length=False):
+    """{"train" | "val": {distance: episodes}}, the first n_val episodes for validation. by_length: each pool sorted
+    by its episodes' longest turn, so that a batch drawn from neighbours pads every turn less (train_mrl's
+    length_buckets); else in file order."""
     pools = {"train": {}, "val": {}}
     for i, ep in enumerate(episodes):
         pools["val" if i < n_val else "train"].setdefault(ep["distance"], []).append(ep)
-    for pool in [p for split in pools.values() for p in split.values()]:
+    for pool in [p for split in pools.values() for p in split.values()] if by_length else []:
         pool.sort(key=lambda ep: max(len(t["query"]) + len(t["answer"]) for t in [ep] + ep["interactions"]))
     return pools
