@@ -28,6 +28,17 @@ DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", seq_len=12
                 ed_swap=0.0)  # share of rows whose decoder reads another row's ED (see loss_fn)
 
 
+def swap_memory(ed, attn_mask, share, g):
+    """The ED of its own text holds every next token, so a decoder that always reads it learns to copy and never to
+    answer from its own query. A share of the rows read the previous row's ED instead (with its mask) - memory that
+    does not help, as in real use, where the STM holds earlier turns and never the current one.
+    ed (L, B, T, D), attn_mask (B, T) -> the same shapes."""
+    swap = torch.rand(ed.size(1), generator=g, device=ed.device) < share  # (B,)
+    other = torch.roll(torch.arange(ed.size(1), device=ed.device), 1)
+    return (torch.where(swap[None, :, None, None], ed[:, other], ed),
+            torch.where(swap[:, None], attn_mask[other], attn_mask))
+
+
 def main(argv):
     cfg = training.configure(DEFAULTS, argv)
     device, ctx, rank, world = training.setup(cfg, dict(mask_prob=training.between(0.01, 0.9), ed_swap=training.between(
@@ -59,13 +70,7 @@ def main(argv):
         ed, mlm_loss, mlm_acc = model.mlm(masked, attn_mask, mlm_targets)
         memory, memory_mask = ed.detach(), attn_mask  # the decoder learns to read the encoder's space, not shape it
         if cfg["ed_swap"] > 0:
-            # the ED of its own text holds every next token, so a decoder that always reads it learns to copy and
-            # never to answer from its own query. Some rows read another row's ED instead - memory that does not
-            # help, as in real use, where the STM holds earlier turns and never the current one.
-            swap = torch.rand(ids.size(0), generator=g, device=ids.device) < cfg["ed_swap"]
-            other = torch.roll(torch.arange(ids.size(0), device=ids.device), 1)
-            memory = torch.where(swap[None, :, None, None], memory[:, other], memory)
-            memory_mask = torch.where(swap[:, None], attn_mask[other], attn_mask)
+            memory, memory_mask = swap_memory(memory, memory_mask, cfg["ed_swap"], g)
         if cfg["noise_std"] > 0:
             memory = memory + cfg["noise_std"] * torch.randn(memory.shape, generator=g, device=memory.device,
                                                              dtype=memory.dtype)

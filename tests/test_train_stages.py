@@ -143,3 +143,16 @@ def test_each_rank_trains_on_its_own_batches(world, tmp_path):
         training.train(cfg, model, stage="mlm", get_batch=get_batch, loss_fn=loss_fn, params=model.parameters(),
                        device=device, ctx=ctx, rank=rank, world=1, tokenizer=tok)
     assert all(not torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
+
+
+def test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask():
+    """Joint/SFT's ed_swap: swapped rows read the previous row's ED and padding mask, the others their own."""
+    ed, mask = torch.randn(2, 6, 5, 4), torch.rand(6, 5) > 0.3
+    same = train_joint.swap_memory(ed, mask, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same[0], ed) and torch.equal(same[1], mask)
+    every = train_joint.swap_memory(ed, mask, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(every[0], ed.roll(1, dims=1)) and torch.equal(every[1], mask.roll(1, dims=0))
+    half, half_mask = train_joint.swap_memory(ed, mask, 0.5, torch.Generator().manual_seed(0))
+    swapped = [b for b in range(6) if torch.equal(half[:, b], ed[:, b - 1]) and torch.equal(half_mask[b], mask[b - 1])]
+    kept = [b for b in range(6) if torch.equal(half[:, b], ed[:, b]) and torch.equal(half_mask[b], mask[b])]
+    assert swapped and kept and len(swapped) + len(kept) == 6
