@@ -24,7 +24,7 @@ import torch
 
 import training
 from data.loaders import (collate_dialogues, collate_interactions, collate_queries, episode_tensors, episode_turns,
-                          pad_rows, render_dialogue)
+                          length_chunks, pad_rows, render_dialogue)
 from data.memory_world import SLOTS, read_jsonl
 from model import StatelessDecoder, token_accuracy, token_loss
 
@@ -113,7 +113,8 @@ def write(model, tok, memory, records):
         return [history + [r] for history, r in zip(memory, records)]
     ids, attn_mask, _ = collate_interactions(tok, records, model.cfg.seq_len)
     device = model.embed.weight.device
-    return model.update_memory(memory, ids.to(device), attn_mask.to(device))
+    ids, attn_mask = ids.to(device), attn_mask.to(device)
+    return model.update_memory(memory, ids, attn_mask, length_chunks(attn_mask))  # padding not computed
 
 
 @torch.no_grad()

@@ -205,8 +205,8 @@ class SwiGLU(nn.Module):
 
 class MoEFeedForward(nn.Module):
     """Decoder feed-forward: a softmax router sends each token to its top-k SwiGLU experts (no capacity limit, no
-    dropped tokens); also returns the Switch load-balancing loss E * sum_e f_e * P_e (f_e: share of the routing slots
-    sent to e, P_e: mean router probability of e over all tokens; the reference averages P_e over routed tokens only)."""
+    dropped tokens); also returns its routing statistics over the real tokens, from which balancing_loss() computes
+    the Switch load-balancing loss."""
 
     def __init__(self, d_model, n_experts, top_k, hidden):
         super().__init__()
@@ -216,7 +216,7 @@ class MoEFeedForward(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
-    def forward(self, x):  # (B, T, D) -> (B, T, D), balancing loss
+    def forward(self, x, token_mask=None):  # (B, T, D), (B, T) bool -> (B, T, D), routing statistics (2, E)
         shape, D = x.shape, x.size(-1)
         x = x.reshape(-1, D)  # (N, D)
         probs = F.softmax(self.router(x).float(), dim=-1)  # (N, E)
@@ -224,7 +224,10 @@ class MoEFeedForward(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise the k chosen
         experts = experts.flatten()  # (N*k,) routing slots, k per token
         counts = torch.bincount(experts, minlength=self.n_experts)  # (E,)
-        aux_loss = self.n_experts * (counts.float() / experts.numel() * probs.mean(dim=0)).sum()
+        # sums over the real tokens (padding is routed, but not counted): chunks of a batch add them up
+        real = probs.new_ones(len(x)) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)  # (N,)
+        stats = torch.stack([torch.bincount(experts, real.repeat_interleave(self.top_k), self.n_experts),
+                             (probs * real[:, None]).sum(dim=0)])  # (2, E): routing slots, router probability mass
         # dispatch with no loop and no host sync: sort the slots by expert, gather their tokens once, run every
         # expert on its contiguous group in one grouped matmul, scatter-add the weighted outputs back to the tokens
         order = experts.argsort()  # (N*k,)
@@ -240,7 +243,19 @@ class MoEFeedForward(nn.Module):
             w1, w2 = (w.unbind() if torch.is_grad_enabled() else w for w in (self.w_gate_up, self.w_down))
             ys = torch.cat([glu(part @ w1[e]) @ w2[e] for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
         ys = (ys * weights.flatten()[order, None].to(ys.dtype)).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys).view(shape), aux_loss
+        return torch.zeros_like(x).index_add_(0, token_of_slot, ys).view(shape), stats
+
+
+def balancing_loss(stats):
+    """The Switch load-balancing loss E * sum_e f_e * P_e, averaged over layers, from routing statistics (L, 2, E)
+    summed over the real tokens: f_e = share of the routing slots sent to expert e, P_e = mean router probability
+    of e (the probabilities sum to 1 per token, so their total mass is the token count). It is 1 when routing is
+    uniform. A product of two means, so it is computed once the statistics of a whole batch are summed. (The
+    reference averages P_e over routed tokens only.)"""
+    slots, mass = stats.float().unbind(dim=-2)  # (L, E) each
+    f = slots / slots.sum(dim=-1, keepdim=True).clamp(min=1)
+    p = mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+    return slots.size(-1) * (f * p).sum(dim=-1).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -302,14 +317,15 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.RMSNorm(D)
         self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim)
 
-    def forward(self, x, rope_cs, memory_kv=None, memory_mask=None, self_mask=None, is_causal=True, cache=None):
+    def forward(self, x, rope_cs, memory_kv=None, memory_mask=None, self_mask=None, is_causal=True, cache=None,
+                token_mask=None):
         x = x + self.self_attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=self_mask,
                                is_causal=is_causal, cache=cache)
         if self.cross_attn is not None:  # queries carry positions, memory keys do not (the STM is a set)
             x = x + self.cross_attn(self.norm2(x), context_kv=memory_kv, q_rope=rope_cs if self.memory_rope else None,
                                     attn_mask=memory_mask)
-        h, aux_loss = self.moe(self.norm3(x))
-        return x + h, aux_loss
+        h, routing = self.moe(self.norm3(x), token_mask)
+        return x + h, routing
 
 
 class Decoder(nn.Module):
@@ -329,9 +345,10 @@ class Decoder(nn.Module):
         return [layer.cross_attn.keys_values(layer.stm_norm(memory[l])) for l, layer in enumerate(self.layers)]
 
     def forward(self, x, memory_kv=None, memory_mask=None, rope_cs=None, self_mask=None, caches=None,
-                logits_at=None):
+                logits_at=None, token_mask=None):
         # x (B, T, D); memory_kv from project_memory(); memory_mask (B, M) bool; rope_cs (cos, sin) of the positions,
-        # (T, hd) or (B, 1, T, hd), default 0..T-1; logits_at (B,): logits (B, 1, V) only there (a prompt's last token)
+        # (T, hd) or (B, 1, T, hd), default 0..T-1; logits_at (B,): logits (B, 1, V) only there (a prompt's last token);
+        # token_mask (B, T): the real tokens, which the MoE routing statistics (L, 2, E) count
         B, T, _ = x.shape
         if rope_cs is None:
             rope_cs = rope(torch.arange(T, device=x.device), self.cfg.head_dim, self.cfg.rope_base)
@@ -340,14 +357,14 @@ class Decoder(nn.Module):
         assert not (is_causal and caches is not None and caches[0].len > 0), "multi-token step on a filled cache"
         memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]
         memory_kv = memory_kv or [None] * len(self.layers)
-        aux_loss = 0.0
+        routing = []
         for l, layer in enumerate(self.layers):
-            x, aux = layer(x, rope_cs, memory_kv[l], memory_mask, self_mask, is_causal,
-                           None if caches is None else caches[l])
-            aux_loss = aux_loss + aux
+            x, r = layer(x, rope_cs, memory_kv[l], memory_mask, self_mask, is_causal,
+                         None if caches is None else caches[l], token_mask)
+            routing.append(r)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, D)
-        return self.lm_head(self.norm(x)), aux_loss / len(self.layers)
+        return self.lm_head(self.norm(x)), torch.stack(routing)
 
 
 def token_loss(logits, targets):
@@ -492,6 +509,31 @@ class MemoryAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Batches of rows of different lengths. A right-padded batch computes its padding too, and the world's turns run from
+# 8 to 110 tokens: in a batch of them most positions can be padding. So the model's batch methods (mlm, decode,
+# update_memory) take `chunks`: groups of rows of similar length, each with its longest length n, [(rows, n), ...]
+# (data.loaders.length_chunks makes them). Each group runs cut to its n tokens. Rows never see each other, so every
+# output is the padded batch's; the losses are divided by the whole batch's counts and the MoE routing statistics
+# summed over the groups, so the losses and gradients are the padded batch's too (tests/test_chunks.py).
+
+
+def take(x, rows, dim=0):
+    """The chunk's rows of x along dim (all of x when rows is None)."""
+    return x if rows is None or x is None else x.index_select(dim, rows)
+
+
+def unchunk(parts, chunks, dim=0, length=None):
+    """The chunks' outputs back in the batch's row order along dim: each part padded with zeros along dim + 1 to
+    `length` first (None: the parts are equally long)."""
+    if chunks is None:
+        return parts[0]
+    if length is not None:
+        parts = [F.pad(p, (0, 0) * (p.dim() - dim - 2) + (0, length - p.size(dim + 1))) for p in parts]
+    order = torch.cat([rows for rows, _ in chunks]).argsort()
+    return torch.cat(parts, dim=dim).index_select(dim, order)
+
+
+# -----------------------------------------------------------------------------
 # The Reactive Transformer
 
 
@@ -545,26 +587,50 @@ class ReactiveTransformer(nn.Module):
         """Encoded data ED (L, B, T, D) of a full interaction (stm: only for the Mini-Base encoder's cross-attention)."""
         return self.encoder(self.embed(ids), attn_mask, stm if self.cfg.encoder_cross_attention else None)
 
-    def mlm(self, masked_ids, attn_mask, targets):
+    def mlm(self, masked_ids, attn_mask, targets, chunks=None):
         """Masked language modelling: ED of the masked ids, and the MLM head's cross-entropy and accuracy on the
-        positions whose target is not -100 (the masked ones)."""
-        ed = self.encode(masked_ids, attn_mask)
-        chosen = targets != -100  # (B, T)
-        logits = self.mlm_head(ed[-1][chosen])  # (n_masked, V): the head only where it is scored
-        loss = F.cross_entropy(logits.float(), targets[chosen])
-        return ed, loss, (logits.argmax(dim=-1) == targets[chosen]).float().mean()
+        positions whose target is not -100 (the masked ones). chunks: see "Batches of rows of different lengths"."""
+        eds, ce, right = [], 0.0, 0
+        for rows, n in chunks or [(None, masked_ids.size(1))]:
+            ed = self.encode(take(masked_ids, rows)[:, :n], take(attn_mask, rows)[:, :n])
+            t = take(targets, rows)[:, :n]
+            chosen = t != -100  # (b, n)
+            logits = self.mlm_head(ed[-1][chosen])  # (n_masked, V): the head only where it is scored
+            ce = ce + F.cross_entropy(logits.float(), t[chosen], reduction="sum")
+            right = right + (logits.argmax(dim=-1) == t[chosen]).sum()
+            eds.append(ed)
+        n_masked = (targets != -100).sum().clamp(min=1)
+        return unchunk(eds, chunks, dim=1, length=masked_ids.size(1)), ce / n_masked, right / n_masked
 
-    def decode(self, ids, memory, memory_mask=None, targets=None):
+    def decode(self, ids, memory, memory_mask=None, targets=None, attn_mask=None, chunks=None):
         """Next-token logits (B, T, V) reading memory (L, B, M, D) - the STM, or in joint pre-training the encoder's
         ED with its padding mask (B, M). Returns logits, the cross-entropy on targets (None without them) and the
-        MoE balancing loss."""
-        logits, aux_loss = self.decoder(self.embed(ids), self.decoder.project_memory(memory), memory_mask)
-        loss = None if targets is None else token_loss(logits, targets)
-        return logits, loss, aux_loss
+        MoE balancing loss over the real tokens (attn_mask (B, T); every token counts without it).
+        chunks: see "Batches of rows of different lengths" above; the logits are then 0 on the padding that no chunk computed."""
+        logits, ce, routing = [], 0.0, 0.0
+        for rows, n in chunks or [(None, ids.size(1))]:
+            mem, mem_mask = take(memory, rows, dim=1), take(memory_mask, rows)
+            if rows is not None and mem_mask is not None:  # the ED read in joint training: cut to its longest row
+                m = int(mem_mask.sum(dim=1).max())
+                mem, mem_mask = mem[:, :, :m], mem_mask[:, :m]
+            lg, r = self.decoder(self.embed(take(ids, rows)[:, :n]), self.decoder.project_memory(mem), mem_mask,
+                                 token_mask=None if attn_mask is None else take(attn_mask, rows)[:, :n])
+            if targets is not None:
+                ce = ce + F.cross_entropy(lg.flatten(0, 1).float(), take(targets, rows)[:, :n].flatten(),
+                                          ignore_index=-100, reduction="sum")
+            logits.append(lg)
+            routing = routing + r
+        loss = None if targets is None else ce / (targets != -100).sum().clamp(min=1)
+        return unchunk(logits, chunks, dim=0, length=ids.size(1)), loss, balancing_loss(routing)
 
-    def update_memory(self, stm, ids, attn_mask=None):
-        """STM_t = MemAttn(STM_{t-1}, ED_t) for the full interaction `[BOS][Q] query [A] answer [EOS]`."""
-        return self.memory_attention(stm, self.encode(ids, attn_mask, stm), attn_mask)
+    def update_memory(self, stm, ids, attn_mask=None, chunks=None):
+        """STM_t = MemAttn(STM_{t-1}, ED_t) for the full interaction `[BOS][Q] query [A] answer [EOS]`.
+        chunks: see "Batches of rows of different lengths"."""
+        new = []
+        for rows, n in chunks or [(None, ids.size(1))]:
+            s, mask = take(stm, rows, dim=1), None if attn_mask is None else take(attn_mask, rows)[:, :n]
+            new.append(self.memory_attention(s, self.encode(take(ids, rows)[:, :n], mask, s), mask))
+        return unchunk(new, chunks, dim=1)
 
     @torch.no_grad()
     def interact(self, query_ids, stm, eos_id=None, **sampling):
@@ -618,8 +684,8 @@ class StatelessDecoder(nn.Module):
         init_weights(self)
 
     def forward(self, ids, targets=None):
-        logits, aux_loss = self.decoder(self.embed(ids))
-        return logits, None if targets is None else token_loss(logits, targets), aux_loss
+        logits, routing = self.decoder(self.embed(ids))
+        return logits, None if targets is None else token_loss(logits, targets), balancing_loss(routing)
 
     def compile(self, **kwargs):
         self.decoder.compile(**kwargs)

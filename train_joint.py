@@ -18,14 +18,15 @@ import os
 import torch
 
 import training
-from data.loaders import collate_interactions, get_lm_batch, mlm_inputs, next_token_targets
+from data.loaders import collate_interactions, get_lm_batch, length_chunks, mlm_inputs, next_token_targets
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
 from model import token_accuracy
 
 DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", seq_len=128, mask_prob=0.15, noise_std=0.15,
                 aux_weight=0.01, sft=False, sft_file="interactions.jsonl", out_dir="out/nano/joint",
-                ed_swap=0.0)  # share of rows whose decoder reads another row's ED (see loss_fn)
+                ed_swap=0.0,  # share of rows whose decoder reads another row's ED (see loss_fn)
+                chunks=True)  # run rows in groups of similar length (data.loaders.length_chunks): padding not computed
 
 
 def swap_memory(ed, attn_mask, share, g):
@@ -66,15 +67,16 @@ def main(argv):
 
     def loss_fn(model, batch, step, g):
         ids, attn_mask, targets = batch
+        chunks = length_chunks(attn_mask) if cfg["chunks"] else None  # stories' windows are full: no chunks
         masked, mlm_targets = mlm_inputs(ids, attn_mask, tok.mask_id, cfg["mask_prob"], g)
-        ed, mlm_loss, mlm_acc = model.mlm(masked, attn_mask, mlm_targets)
+        ed, mlm_loss, mlm_acc = model.mlm(masked, attn_mask, mlm_targets, chunks)
         memory, memory_mask = ed.detach(), attn_mask  # the decoder learns to read the encoder's space, not shape it
         if cfg["ed_swap"] > 0:
             memory, memory_mask = swap_memory(memory, memory_mask, cfg["ed_swap"], g)
         if cfg["noise_std"] > 0:
             memory = memory + cfg["noise_std"] * torch.randn(memory.shape, generator=g, device=memory.device,
                                                              dtype=memory.dtype)
-        logits, ar_loss, aux_loss = model.decode(ids, memory, memory_mask, targets)  # the ED's padding is masked
+        logits, ar_loss, aux_loss = model.decode(ids, memory, memory_mask, targets, attn_mask, chunks)  # ED pads masked
         loss = ar_loss + mlm_loss + cfg["aux_weight"] * aux_loss
         return loss, {"mlm_loss": mlm_loss.detach(), "mlm_acc": mlm_acc, "ar_loss": ar_loss.detach(),
                       "ar_acc": token_accuracy(logits, targets), "aux_loss": aux_loss.detach(), "tokens": ids.numel()}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import training
 from data.loaders import (collate_interactions, collate_queries, episode_pools, episode_tensors, episode_turns,
-                          join_answers, pad_rows)
+                          join_answers, length_chunks, pad_rows)
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
 from evaluate import bleu, exact_match
@@ -36,6 +36,7 @@ DEFAULTS = dict(
     out_dir="out/nano", phases="mem,smat,mrl",  # phase p writes out_dir/p/ckpt.pt
     seq_len=128,  # longest interaction
     length_buckets=1,  # >1: each batch comes from one of this many length ranges (every turn pads to its longest)
+    chunks=True,  # run each turn's rows in groups of similar length (data.loaders.length_chunks): padding not computed
     # curricula: lists of episode distances (turns from fact to probe), stepped through evenly over a phase
     mem_curriculum=[[1, 2, 4]], smat_curriculum=[[1, 2], [1, 2, 4], [1, 2, 4, 8]], mrl_curriculum=[[2], [4], [8], [16]],
     mem_iters=100, smat_iters=500, mrl_iters=200, mem_lr=1e-3, smat_lr=5e-4, mrl_lr=5e-5,
@@ -107,12 +108,14 @@ def smat_loss(model, turns, cfg, g):
     """Answer-token CE summed over the episode: turn 1 read from a fresh memory, every later turn t from the STM
     that holds turns 1..t-1."""
     stm = model.new_memory(turns[0][0].size(0), generator=g)
+    chunks = [length_chunks(attn_mask) if cfg["chunks"] else None for _, attn_mask, _ in turns]
     total, metrics = 0.0, {}
     for t, (ids, attn_mask, targets) in enumerate(turns):
         if t > 0:
             prev_ids, prev_mask, _ = turns[t - 1]
-            stm = model.update_memory(stm.detach() if cfg["smat_detach_stm"] else stm, prev_ids, prev_mask)
-        logits, loss, aux_loss = model.decode(ids, stm, targets=targets)
+            stm = model.update_memory(stm.detach() if cfg["smat_detach_stm"] else stm, prev_ids, prev_mask,
+                                      chunks[t - 1])
+        logits, loss, aux_loss = model.decode(ids, stm, targets=targets, attn_mask=attn_mask, chunks=chunks[t])
         total = total + loss + cfg["smat_aux_weight"] * aux_loss
         if t == len(turns) - 1:  # the probe: teacher-forced accuracy of the recalled answer
             metrics.update(probe_loss=loss.detach(), probe_acc=token_accuracy(logits, targets))
@@ -159,7 +162,8 @@ def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
     reset = torch.rand(1, generator=g, device=device).item() < cfg["mrl_reset_prob"]  # a random STM reset
     stm = model.new_memory(len(episodes), generator=g, std=cfg["mrl_reset_std"] if reset else None)
     ids, attn_mask, _ = collate_interactions(tok, [tr[0] for tr in turns], cfg["seq_len"])
-    play = dict(stm0=stm, first=(ids.to(device), attn_mask.to(device)), steps=[])
+    ids, attn_mask = ids.to(device), attn_mask.to(device)
+    play = dict(stm0=stm, first=(ids, attn_mask, length_chunks(attn_mask) if cfg["chunks"] else None), steps=[])
     stm = model.update_memory(stm, *play["first"])
     for t in range(1, len(turns[0])):
         q_ids, q_mask = [x.to(device) for x in collate_queries(tok, [tr[t]["query"] for tr in turns], cfg["seq_len"],
@@ -171,10 +175,11 @@ def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
         ref_ids, ref_mask = ref_ids.masked_fill(~ref_mask, -1).to(device), ref_mask.to(device)
         reward = reward_fn(model, ans, ans_len, ref_ids, ref_mask, t == len(turns[0]) - 1, cfg, tok)
         ids, attn_mask, ans_mask = join_answers(q_ids, q_mask, ans, ans_len, tok)
-        old_logp = token_logprobs(model.decode(ids, stm)[0], ids)[0]
+        chunks = length_chunks(attn_mask) if cfg["chunks"] else None
+        old_logp = token_logprobs(model.decode(ids, stm, attn_mask=attn_mask, chunks=chunks)[0], ids)[0]
         play["steps"].append(dict(q_ids=q_ids, q_mask=q_mask, ids=ids, mask=attn_mask, ans_mask=ans_mask,
-                                  reward=reward, old_logp=old_logp))
-        stm = model.update_memory(stm, ids, attn_mask)
+                                  reward=reward, old_logp=old_logp, chunks=chunks))
+        stm = model.update_memory(stm, ids, attn_mask, chunks)
     return play
 
 
@@ -195,7 +200,8 @@ def impo_loss(model, critic, play, cfg):
     for t, s in enumerate(play["steps"], start=1):
         m = s["ans_mask"][:, :-1]
         tokens = m.sum().clamp(min=1)
-        logp, entropy = token_logprobs(model.decode(s["ids"], stm)[0], s["ids"])
+        logp, entropy = token_logprobs(model.decode(s["ids"], stm, attn_mask=s["mask"], chunks=s["chunks"])[0],
+                                       s["ids"])
         value = critic(s["q_ids"], s["q_mask"], stm.detach())
         adv = s["reward"] - value.detach()
         adv = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
@@ -205,7 +211,7 @@ def impo_loss(model, critic, play, cfg):
         # (>= 0, and 0 exactly when the policy did not move)
         kl = ((ratio - 1 - (logp - s["old_logp"])) * m).sum() / tokens
         stm_prev = stm.detach() if cfg["mrl_detach_stm"] else stm
-        new_stm = model.update_memory(stm_prev, s["ids"], s["mask"])
+        new_stm = model.update_memory(stm_prev, s["ids"], s["mask"], s["chunks"])
         mem_reg = cfg["mrl_memory_reg"] * math.sqrt(t + 1) * F.mse_loss(new_stm, stm_prev)
         total = (total - (surrogate * m).sum() / tokens - cfg["mrl_entropy_coef"] * (entropy * m).sum() / tokens
                  + cfg["mrl_value_coef"] * F.mse_loss(value, s["reward"]) + mem_reg + cfg["mrl_kl_coef"] * kl)

@@ -73,6 +73,38 @@ def pad_rows(rows, pad_id):
     return ids, attn_mask
 
 
+def length_chunks(attn_mask, overhead=128):
+    """Rows of a right-padded batch (attn_mask (B, T)) in groups of similar length for the model's `chunks`:
+    [(rows, n), ...], each group's rows (a LongTensor) and its longest length n. Computed positions cost one each,
+    one more group costs `overhead` positions (the fixed cost of running a piece of the batch: kernel launches,
+    Python); the grouping of the length-sorted rows that costs least is found exactly (dynamic programming over
+    the B cut points). None when one group, the whole padded batch, is cheapest."""
+    lengths = attn_mask.sum(dim=1).tolist()
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_len = [lengths[i] for i in order]
+    B = len(order)
+    best, cut = [0.0] + [float("inf")] * B, [0] * (B + 1)  # best[j]: cheapest grouping of the j shortest rows
+    for j in range(1, B + 1):
+        for i in range(j):  # the last group is rows i..j-1, padded to the longest of them, sorted_len[j - 1]
+            cost = best[i] + (j - i) * sorted_len[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], B
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    if len(groups) == 1 and sorted_len[-1] == attn_mask.size(1):
+        return None
+    device = attn_mask.device
+    return [(torch.tensor(order[i:j], device=device), sorted_len[j - 1]) for i, j in reversed(groups)]
+
+
+def computed_share(attn_mask, chunks):
+    """Real token positions / computed positions of a batch run in these chunks (None: padded)."""
+    computed = attn_mask.numel() if chunks is None else sum(len(rows) * n for rows, n in chunks)
+    return attn_mask.sum().item() / computed
+
+
 def collate_interactions(tok, records, max_len):
     """{query, answer} records -> ids, attn_mask, targets (B, T); the targets are the answer tokens and [EOS]."""
     rows = [render_interaction(tok, r["query"], r["answer"], max_len) for r in records]

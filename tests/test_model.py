@@ -289,18 +289,22 @@ def test_balancing_loss_is_one_when_routing_is_uniform_and_larger_when_not():
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(4, 8) * 50)  # token with feature e hot goes to expert e
     x = torch.eye(4, 8).repeat(5, 1)[None]  # 20 tokens, 5 per expert: f_e = P_e = 1/4
-    _, aux = moe(x)
+    aux = model.balancing_loss(moe(x)[1][None])
     assert aux.item() == pytest.approx(1.0, abs=1e-4)
-    _, skewed = moe(torch.eye(4, 8)[:1].repeat(20, 1)[None])  # every token to expert 0
+    skewed = model.balancing_loss(moe(torch.eye(4, 8)[:1].repeat(20, 1)[None])[1][None])  # every token to expert 0
     assert skewed.item() > 3.9
+    # padding is routed but not counted: 20 uniform tokens + 20 padding tokens of expert 0 are still uniform
+    x = torch.cat([x, torch.eye(4, 8)[:1].repeat(20, 1)[None]], dim=1)
+    mask = torch.arange(40)[None] < 20
+    assert model.balancing_loss(moe(x, mask)[1][None]).item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_every_expert_gets_gradients():
     torch.manual_seed(0)
     moe = MoEFeedForward(16, n_experts=6, top_k=2, hidden=8)
     model.init_weights(moe)
-    y, aux = moe(torch.randn(4, 32, 16))
-    (y.pow(2).sum() + aux).backward()
+    y, routing = moe(torch.randn(4, 32, 16))
+    (y.pow(2).sum() + model.balancing_loss(routing[None])).backward()
     for w in (moe.w_gate_up, moe.w_down):
         assert (w.grad.flatten(1).abs().sum(1) > 0).all()
     assert moe.router.weight.grad.abs().sum() > 0
@@ -453,6 +457,6 @@ def test_balancing_loss_gradient_reaches_the_router():
     torch.manual_seed(0)
     moe = MoEFeedForward(16, n_experts=4, top_k=2, hidden=8)
     model.init_weights(moe)
-    _, aux = moe(torch.randn(2, 16, 16))
-    aux.backward()
+    _, routing = moe(torch.randn(2, 16, 16))
+    model.balancing_loss(routing[None]).backward()
     assert moe.router.weight.grad.abs().sum() > 0

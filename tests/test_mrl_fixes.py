@@ -66,7 +66,7 @@ def test_smat_loss_decodes_the_first_turn_from_a_fresh_memory(world, monkeypatch
     from test_mrl import colour_episodes
     tok, model = setup(world)
     cfg = dict(train_mrl.DEFAULTS, seq_len=64)
-    monkeypatch.setattr(model, "update_memory", lambda stm, ids, mask=None: stm)
+    monkeypatch.setattr(model, "update_memory", lambda stm, ids, mask=None, chunks=None: stm)
     episodes = colour_episodes(4, seed=0)
     changed = [dict(ep, answer="Mia has a green kite and a very long story to tell.") for ep in episodes]
     losses = []
