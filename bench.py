@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import engine
 import model as M
+import cli
 import training
 
 SECTIONS = ("conversation", "attention", "training", "memory")
@@ -45,7 +46,7 @@ PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, few turns, short lengths (seconds)")
     p.add_argument("--preset", default="micro", choices=sorted(M.PRESETS), help="model of the conversation")
     p.add_argument("--ckpt", default="", help="a trained RxT checkpoint for the conversation (instead of --preset)")
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     unknown = set(args.sections) - set(SECTIONS)
     if unknown or not args.sections:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    training.check_device(args.device)
+    cli.check_device(args.device)
     cuda = args.device.startswith("cuda")
     if args.quick:  # everything tiny: the smoke test runs this in a few seconds
         args.preset = "nano"
@@ -80,15 +81,15 @@ def parse_args(argv=None):
     except ValueError:
         p.error(f"--seq_lens must be comma-separated integers, got {args.seq_lens!r}")
     args.repeats = 5 if args.repeats is None else args.repeats
-    training.check(vars(args), turns=training.at_least(2), repeats=training.at_least(1),
+    cli.check(vars(args), turns=cli.at_least(2), repeats=cli.at_least(1),
                    threads=((lambda v: v is None or v >= 1), "at least 1"),
                    seq_lens=((lambda v: all(t >= 8 for t in v)), "lengths of at least 8 tokens"),
-                   attn_heads=training.at_least(4),  # xSQA has H/4 query heads
+                   attn_heads=cli.at_least(4),  # xSQA has H/4 query heads
                    attn_dim=((lambda d: d % args.attn_heads == 0 and (d // args.attn_heads) % 2 == 0),
                              "a multiple of attn_heads with an even head size"))
     for path in (args.ckpt, args.baseline_ckpt):
         if path and not os.path.isfile(path):
-            raise training.CheckpointError(f"checkpoint not found: {path}")
+            raise cli.CheckpointError(f"checkpoint not found: {path}")
     return args
 
 
@@ -173,7 +174,7 @@ def rxt_turn(model, stm, query, device):
     """One RxT event: answer reading STM_{t-1} (prefill = up to the first token), then write the turn into memory."""
     sync(device)
     t0 = time.perf_counter()
-    tokens = model.interact(query, stm, temperature=0, max_new_tokens=ANSWER_LEN)  # eos_id=None: exactly 32 tokens
+    tokens = engine.interact(model, query, stm, temperature=0, max_new_tokens=ANSWER_LEN)  # eos_id=None: exactly 32 tokens
     answer = [next(tokens)]
     sync(device)
     t1 = time.perf_counter()
@@ -209,7 +210,7 @@ def decode_ops(name, model, query, device, amp):
     from torch.profiler import ProfilerActivity, profile
     with torch.inference_mode(), amp:
         if name == "rxt":
-            tokens = model.interact(query, model.new_memory(1), temperature=0, max_new_tokens=ANSWER_LEN)
+            tokens = engine.interact(model, query, model.new_memory(1), temperature=0, max_new_tokens=ANSWER_LEN)
         else:
             tokens = engine.stream(model.decoder, model.embed, query[None], None, None, max_new_tokens=ANSWER_LEN,
                                    temperature=0)
@@ -243,7 +244,7 @@ def conversation_models(args, device):
         if path:
             models[name] = training.load_for_inference(path, device)[0]
             if not isinstance(models[name], (M.ReactiveTransformer if name == "rxt" else M.StatelessDecoder)):
-                raise training.CheckpointError(f"{path} is not a {'RxT' if name == 'rxt' else 'stateless baseline'} model")
+                raise cli.CheckpointError(f"{path} is not a {'RxT' if name == 'rxt' else 'stateless baseline'} model")
     return {name: m.to(device).eval() for name, m in models.items()}
 
 
@@ -589,4 +590,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

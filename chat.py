@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+import cli
+import engine
 import training
 from data.loaders import collate_queries
 from model import ReactiveTransformer
@@ -63,10 +65,10 @@ class Session:
             print(f"(input is {n} tokens; truncated to its last {len(query_ids) - 3})", file=sys.stderr)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # print whole characters only (emoji!)
         answer = []
-        for tok_id in self.model.interact(query_ids, self.stm, temperature=self.cfg["temperature"],
-                                          top_k=self.cfg["top_k"] or None, top_p=self.cfg["top_p"],
-                                          max_new_tokens=self.cfg["max_new_tokens"], eos_id=self.tok.eos_id,
-                                          generator=self.generator):
+        for tok_id in engine.interact(self.model, query_ids, self.stm, temperature=self.cfg["temperature"],
+                                      top_k=self.cfg["top_k"] or None, top_p=self.cfg["top_p"],
+                                      max_new_tokens=self.cfg["max_new_tokens"], eos_id=self.tok.eos_id,
+                                      generator=self.generator):
             answer.append(tok_id)
             out.write(utf8.decode(self.tok.decode_bytes([tok_id])))
             out.flush()
@@ -96,21 +98,21 @@ class Session:
 
 def load(cfg):
     if not os.path.isfile(cfg["ckpt"]):
-        raise training.CheckpointError(f"checkpoint not found: {cfg['ckpt']} (train one with: python demo.py)")
+        raise cli.CheckpointError(f"checkpoint not found: {cfg['ckpt']} (train one with: python demo.py)")
     model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
     if not isinstance(model, ReactiveTransformer):
-        raise training.CheckpointError(f"{cfg['ckpt']} holds the stateless baseline; chat.py talks to an RxT model")
+        raise cli.CheckpointError(f"{cfg['ckpt']} holds the stateless baseline; chat.py talks to an RxT model")
     return model, tok, ckpt
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
-    training.check(cfg, temperature=training.at_least(0), top_k=training.at_least(0),
-                   top_p=training.between(0.01, 1), max_new_tokens=training.at_least(1))
-    training.check_device(cfg["device"])
+    cfg = cli.configure(DEFAULTS, argv)
+    cli.check(cfg, temperature=cli.at_least(0), top_k=cli.at_least(0),
+                   top_p=cli.between(0.01, 1), max_new_tokens=cli.at_least(1))
+    cli.check_device(cfg["device"])
     model, tok, ckpt = load(cfg)
     if not 0 < cfg["max_new_tokens"] <= model.cfg.seq_len // 2:
-        raise training.ConfigError(f"max_new_tokens must be in 1..{model.cfg.seq_len // 2} (the model's interactions "
+        raise cli.ConfigError(f"max_new_tokens must be in 1..{model.cfg.seq_len // 2} (the model's interactions "
                                    f"are at most {model.cfg.seq_len} tokens, and the query needs room too)")
     session = Session(model, tok, cfg)
     interactive = sys.stdin.isatty()
@@ -153,4 +155,4 @@ def converse(session, interactive):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

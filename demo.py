@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import cli
 import training
 from evaluate import format_table
 
@@ -119,16 +120,16 @@ def plot(results):
 def main(argv):
     unknown = [a for a in argv if a not in ("--no-chat", "--baseline") and not a.startswith(PASS_THROUGH)]
     if unknown:
-        raise training.ConfigError(f"unknown option(s) {' '.join(unknown)}: demo.py takes --no-chat, --baseline and "
+        raise cli.ConfigError(f"unknown option(s) {' '.join(unknown)}: demo.py takes --no-chat, --baseline and "
                                    f"{', '.join(f + '...' for f in PASS_THROUGH)} (passed to every training stage)")
     extra = [a for a in argv if a.startswith(PASS_THROUGH)]
     for flag in extra:  # checked here, before the first stage, with the rules the stages use
         key, _, value = flag[2:].partition("=")
         if key == "device":
-            training.check_device(value)
+            cli.check_device(value)
         else:
-            training.configure(training.TRAIN_DEFAULTS, [flag])
-            training.check({key: value}, **{key: training.TRAIN_RULES.get(key, (lambda v: True, ""))})
+            cli.configure(training.TRAIN_DEFAULTS, [flag])
+            cli.check({key: value}, **{key: training.TRAIN_RULES.get(key, (lambda v: True, ""))})
     os.makedirs(OUT, exist_ok=True)
     wall, t_start = {}, time.time()
     for name, cmd in stages(extra, "--baseline" in argv):
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(training.cli(main))
+    sys.exit(cli.run(main))

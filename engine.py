@@ -179,10 +179,32 @@ def stream(decoder, embed, ids, attn_mask=None, memory_kv=None, *, max_new_token
             logits = logits[:, -1]
 
 
+# -----------------------------------------------------------------------------
+# The entry points: a model and its memory in, answers out (chat, evaluation, MRL rollouts and bench call these)
+
+
 @torch.no_grad()
-def generate(decoder, embed, ids, attn_mask=None, memory_kv=None, eos_id=None, **sampling):
-    """Run stream to the end: tokens (B, N) and each row's length up to and including its first [EOS]."""
-    tokens = torch.stack(list(stream(decoder, embed, ids, attn_mask, memory_kv, eos_id=eos_id, **sampling)), dim=1)
+def interact(model, query_ids, stm, eos_id=None, **sampling):
+    """Yield RxT's answer token ids (ints) to one query `[BOS][Q] query [A]`, reading STM (L, 1, S, D); stops before
+    [EOS]. The caller then writes the turn with model.update_memory (chat.py does it in a background thread).
+    Sampling: temperature, top_k, top_p, max_new_tokens, generator."""
+    ids = torch.as_tensor(query_ids, device=model.embed.weight.device).view(1, -1)
+    memory_kv = model.decoder.project_memory(stm)  # the STM's K/V: once per turn
+    for tok in stream(model.decoder, model.embed, ids, None, memory_kv, eos_id=eos_id, **sampling):
+        tok = tok.item()
+        if tok == eos_id:
+            return
+        yield tok
+
+
+@torch.no_grad()
+def generate(model, ids, attn_mask=None, stm=None, eos_id=None, **sampling):
+    """Batched answers to right-padded prompts ids (B, T): RxT reads its STM (L, B, S, D); the stateless baseline
+    (stm None) has the whole conversation in its prompt. Returns tokens (B, N) and each row's length up to and
+    including its first [EOS]."""
+    memory_kv = None if stm is None else model.decoder.project_memory(stm)
+    tokens = torch.stack(list(stream(model.decoder, model.embed, ids, attn_mask, memory_kv, eos_id=eos_id,
+                                     **sampling)), dim=1)
     lengths = torch.full((ids.size(0),), tokens.size(1), device=ids.device)
     if eos_id is not None:
         is_eos = tokens == eos_id

@@ -18,15 +18,17 @@ reset just before the probe - and the chance level of guessing among the slot's 
 import json
 import math
 import os
-import re
 
 import torch
 
+import cli
+import engine
 import training
 from data.loaders import (collate_dialogues, collate_interactions, collate_queries, episode_tensors, episode_turns,
                           length_chunks, pad_rows, render_dialogue)
 from data.memory_world import SLOTS, read_jsonl
 from model import StatelessDecoder, token_accuracy, token_loss
+from scores import normalize
 
 DEFAULTS = dict(
     ckpt="out/nano/mrl/ckpt.pt",
@@ -45,49 +47,6 @@ DEFAULTS = dict(
 )
 
 KINDS = ("long-range", "cumulative", "overwrite")
-
-
-# -----------------------------------------------------------------------------
-# Scores of an answer: exact match (memory recall, the probe's MRL reward) and BLEU (the MRL reward of other turns)
-
-
-def normalize(text):
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
-
-
-def exact_match(ans, ans_len, ref, ref_mask):
-    """(B,) bool: the answer equals the reference token for token, [EOS] included on both sides (an answer cut short
-    is not right). ans (B, N) with lengths counting [EOS]; ref (B, R) right-padded, ref_mask (B, R)."""
-    L = min(ans.size(1), ref.size(1))
-    return ((ans[:, :L] == ref[:, :L]) | ~ref_mask[:, :L]).all(dim=1) & (ans_len == ref_mask.sum(dim=1))
-
-
-def bleu(cand, cand_len, ref, ref_len, max_n=4):
-    """Per-sentence BLEU on token ids, vectorised as in TensorBLEU (Filipek, arXiv:2510.05485): n-grams by unfold, counted per sentence through
-    torch.unique, clipped by the reference counts; brevity penalty; add-one smoothing for n > 1.
-    cand (B, Lc), ref (B, Lr) right-padded (pads must never match), lengths (B,) -> (B,) in [0, 1]."""
-    B, device = cand.size(0), cand.device
-    rows = torch.arange(B, device=device)[:, None]
-    log_p = []
-    for n in range(1, max_n + 1):
-        grams, owners, totals = [], [], []
-        for seq, length in ((cand, cand_len), (ref, ref_len)):
-            g = seq.unfold(1, n, 1) if seq.size(1) >= n else seq.new_zeros(B, 0, n)  # (B, L-n+1, n)
-            valid = torch.arange(g.size(1), device=device)[None] + n <= length[:, None]
-            grams.append(g[valid])
-            owners.append(rows.expand_as(valid)[valid])
-            totals.append(valid.sum(dim=1))
-        uniq, inverse = torch.unique(torch.cat(grams), dim=0, return_inverse=True)
-        U, n_cand = max(1, uniq.size(0)), grams[0].size(0)
-        c_counts = torch.bincount(owners[0] * U + inverse[:n_cand], minlength=B * U).view(B, U)
-        r_counts = torch.bincount(owners[1] * U + inverse[n_cand:], minlength=B * U).view(B, U)
-        matches, total = torch.minimum(c_counts, r_counts).sum(dim=1).float(), totals[0].float()
-        p = matches / total.clamp(min=1) if n == 1 else (matches + 1) / (total + 1)
-        log_p.append(torch.log(p.clamp(min=1e-30)) if n > 1 else torch.log(p).nan_to_num(neginf=-1e30))
-    c, r = cand_len.float(), ref_len.float()
-    bp = torch.where(c > r, torch.ones_like(c), torch.exp(1 - r / c.clamp(min=1)))
-    score = bp * torch.exp(torch.stack(log_p).mean(dim=0))
-    return torch.where(cand_len > 0, score, torch.zeros_like(score))
 
 
 # -----------------------------------------------------------------------------
@@ -125,11 +84,11 @@ def answer(model, tok, queries, memory, max_new_tokens):
         prompt_len = seq_len - max_new_tokens - 1
         ids, attn_mask = pad_rows([render_dialogue(tok, history, prompt_len, query=q)[0]
                                    for history, q in zip(memory, queries)], tok.pad_id)
-        ans, lengths = model.generate(ids.to(device), attn_mask.to(device), max_new_tokens=max_new_tokens,
+        ans, lengths = engine.generate(model, ids.to(device), attn_mask.to(device), max_new_tokens=max_new_tokens,
                                       temperature=0, eos_id=tok.eos_id)
     else:
         ids, attn_mask = collate_queries(tok, queries, seq_len, max_new_tokens)
-        ans, lengths = model.generate(ids.to(device), attn_mask.to(device), memory, max_new_tokens=max_new_tokens,
+        ans, lengths = engine.generate(model, ids.to(device), attn_mask.to(device), memory, max_new_tokens=max_new_tokens,
                                       temperature=0, eos_id=tok.eos_id)
     return [tok.decode([t for t in ans[b, :lengths[b]].tolist() if t != tok.eos_id]) for b in range(len(queries))]
 
@@ -246,18 +205,18 @@ def format_table(results):
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
-    training.check(cfg, distances=training.DISTANCES, **{k: training.at_least(1) for k in (
+    cfg = cli.configure(DEFAULTS, argv)
+    cli.check(cfg, distances=cli.DISTANCES, **{k: cli.at_least(1) for k in (
         "n_per_distance", "batch_size", "max_answer", "max_turn_answer")})
-    training.check_device(cfg["device"])
-    training.require_files(cfg["data_dir"], [cfg["episodes_file"]])
+    cli.check_device(cfg["device"])
+    cli.require_files(cfg["data_dir"], [cfg["episodes_file"]])
     model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
     have = sorted({ep["distance"] for ep in episodes})
     if set(cfg["distances"]) - set(have):
-        raise training.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
+        raise cli.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
     if cfg["max_turn_answer"] + 8 > model.cfg.seq_len or cfg["max_answer"] + 8 > model.cfg.seq_len:
-        raise training.ConfigError(f"max_answer and max_turn_answer leave no room for a query in the model's "
+        raise cli.ConfigError(f"max_answer and max_turn_answer leave no room for a query in the model's "
                                    f"{model.cfg.seq_len}-token interactions")
     ic_path = os.path.join(cfg["data_dir"], cfg["incontext_file"])
     incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
@@ -275,4 +234,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

@@ -558,7 +558,7 @@ class ReactiveTransformer(nn.Module):
     """RxT: a decoder that answers reading the STM, an encoder + memory attention that write each interaction into it.
     The STM (L, B, S, D) is explicit state, passed around like an RNN hidden state:
         stm = model.new_memory(1)
-        for tok in model.interact(query_ids, stm, eos_id=eos): ...      # answer, reading STM_{t-1}
+        for tok in engine.interact(model, query_ids, stm, eos_id=eos): ...  # answer, reading STM_{t-1}
         stm = model.update_memory(stm, interaction_ids)                   # write the turn: STM_t
     Losses live here too, as in nanoGPT: decode(..., targets) and mlm(...) return them (targets: -100 = ignored)."""
 
@@ -606,7 +606,7 @@ class ReactiveTransformer(nn.Module):
         """Next-token logits (B, T, V) reading memory (L, B, M, D) - the STM, or in joint pre-training the encoder's
         ED with its padding mask (B, M). Returns logits, the cross-entropy on targets (None without them) and the
         MoE balancing loss over the real tokens (attn_mask (B, T); every token counts without it).
-        chunks: see "Batches of rows of different lengths" above; the logits are then 0 on the padding that no chunk computed."""
+        chunks: see "Batches of rows of different lengths"; the logits are then 0 on the padding no chunk computed."""
         logits, ce, routing = [], 0.0, 0.0
         for rows, n in chunks or [(None, ids.size(1))]:
             mem, mem_mask = take(memory, rows, dim=1), take(memory_mask, rows)
@@ -631,26 +631,6 @@ class ReactiveTransformer(nn.Module):
             s, mask = take(stm, rows, dim=1), None if attn_mask is None else take(attn_mask, rows)[:, :n]
             new.append(self.memory_attention(s, self.encode(take(ids, rows)[:, :n], mask, s), mask))
         return unchunk(new, chunks, dim=1)
-
-    @torch.no_grad()
-    def interact(self, query_ids, stm, eos_id=None, **sampling):
-        """Yield answer token ids (ints) for one query `[BOS][Q] query [A]`, reading STM; stops before [EOS].
-        The caller then writes the turn with update_memory (chat.py does it in a background thread). Sampling:
-        temperature, top_k, top_p, max_new_tokens, generator (engine.py generates)."""
-        import engine  # engine builds on this file, so it is imported when needed
-        ids = torch.as_tensor(query_ids, device=self.embed.weight.device).view(1, -1)
-        memory_kv = self.decoder.project_memory(stm)  # the STM's K/V: once per turn
-        for tok in engine.stream(self.decoder, self.embed, ids, None, memory_kv, eos_id=eos_id, **sampling):
-            tok = tok.item()
-            if tok == eos_id:
-                return
-            yield tok
-
-    def generate(self, query_ids, query_mask, stm, **sampling):
-        """Batched answers for right-padded queries (B, T) reading the STM: tokens (B, N), lengths (B,) with [EOS]."""
-        import engine
-        return engine.generate(self.decoder, self.embed, query_ids, query_mask, self.decoder.project_memory(stm),
-                               **sampling)
 
     def compile(self, **kwargs):
         """torch.compile the parts training calls, in place (state_dict keys stay clean: no _orig_mod. prefix)."""
@@ -689,8 +669,3 @@ class StatelessDecoder(nn.Module):
 
     def compile(self, **kwargs):
         self.decoder.compile(**kwargs)
-
-    def generate(self, ids, attn_mask=None, **sampling):
-        """Batched answers for right-padded prompts (B, T): the whole conversation so far in each."""
-        import engine
-        return engine.generate(self.decoder, self.embed, ids, attn_mask, None, **sampling)

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import cli
 import training
 from data.loaders import collate_dialogues, get_lm_batch, next_token_targets
 from data.memory_world import read_jsonl
@@ -27,20 +28,20 @@ DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", out_dir="o
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg, dict(distances=training.DISTANCES, aux_weight=training.at_least(0)))
+    cfg = cli.configure(DEFAULTS, argv)
+    device, ctx, rank, world = training.setup(cfg, dict(distances=cli.DISTANCES, aux_weight=cli.at_least(0)))
     files = [cfg["episodes_file"]] if cfg["dialogue"] else ["train.bin", "val.bin"]
-    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files)
+    cli.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     if cfg["dialogue"]:
         episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
         have = sorted({ep["distance"] for ep in episodes})
         if set(cfg["distances"]) - set(have):
-            raise training.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
+            raise cli.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
         episodes = [ep for ep in episodes if ep["distance"] in cfg["distances"]]
     model = training.init_model(cfg, tok, device, kind=StatelessDecoder)
     if cfg["seq_len"] > model.cfg.seq_len:
-        raise training.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
+        raise cli.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
                                    f"(set model_args={{'seq_len': ...}} when it is created)")
 
     if cfg["dialogue"]:
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+import cli
 import training
 from data.loaders import collate_interactions, get_lm_batch, length_chunks, mlm_inputs, next_token_targets
 from data.memory_world import read_jsonl
@@ -41,11 +42,11 @@ def swap_memory(ed, attn_mask, share, g):
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=training.between(0.01, 0.9), ed_swap=training.between(
-        0, 1), noise_std=training.at_least(0), aux_weight=training.at_least(0)))
+    cfg = cli.configure(DEFAULTS, argv)
+    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=cli.between(0.01, 0.9), ed_swap=cli.between(
+        0, 1), noise_std=cli.at_least(0), aux_weight=cli.at_least(0)))
     files = [cfg["sft_file"]] if cfg["sft"] else ["train.bin", "val.bin"]
-    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files, training.WORLD_HINT)
+    cli.require_files(cfg["data_dir"], ["tokenizer.tiktoken"] + files, cli.WORLD_HINT)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     model = training.init_model(cfg, tok, device)
 
@@ -89,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

@@ -10,6 +10,7 @@ joins in. Metric: masked-token accuracy (the RxT-Alpha cards report ~80% for Mic
 
 import os
 
+import cli
 import training
 from data.loaders import get_lm_batch, mlm_inputs
 from data.tokenizer import Tokenizer
@@ -19,9 +20,9 @@ DEFAULTS = dict(training.TRAIN_DEFAULTS, data_dir="data/cache/world", seq_len=12
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
-    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=training.between(0.01, 0.9)))
-    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", "train.bin", "val.bin"], training.WORLD_HINT)
+    cfg = cli.configure(DEFAULTS, argv)
+    device, ctx, rank, world = training.setup(cfg, dict(mask_prob=cli.between(0.01, 0.9)))
+    cli.require_files(cfg["data_dir"], ["tokenizer.tiktoken", "train.bin", "val.bin"], cli.WORLD_HINT)
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     model = training.init_model(cfg, tok, device)
 
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

@@ -20,13 +20,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+import cli
+import engine
 import training
 from data.loaders import (collate_interactions, collate_queries, episode_pools, episode_tensors, episode_turns,
                           join_answers, length_chunks, pad_rows)
 from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer
-from evaluate import bleu, exact_match
 from model import Critic, token_accuracy, token_logprobs
+from scores import bleu, exact_match
 
 PHASES = ("mem", "smat", "mrl")  # every key that only one phase reads starts with that phase's name
 DEFAULTS = dict(
@@ -36,7 +38,7 @@ DEFAULTS = dict(
     out_dir="out/nano", phases="mem,smat,mrl",  # phase p writes out_dir/p/ckpt.pt
     seq_len=128,  # longest interaction
     length_buckets=1,  # >1: each batch comes from one of this many length ranges (every turn pads to its longest)
-    chunks=True,  # run each turn's rows in groups of similar length (data.loaders.length_chunks): padding not computed
+    chunks=True,  # each turn's rows in groups of similar length (data.loaders.length_chunks): no padding computed
     # curricula: lists of episode distances (turns from fact to probe), stepped through evenly over a phase
     mem_curriculum=[[1, 2, 4]], smat_curriculum=[[1, 2], [1, 2, 4], [1, 2, 4, 8]], mrl_curriculum=[[2], [4], [8], [16]],
     mem_iters=100, smat_iters=500, mrl_iters=200, mem_lr=1e-3, smat_lr=5e-4, mrl_lr=5e-5,
@@ -53,13 +55,13 @@ DEFAULTS = dict(
 )
 
 
-RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", training.CURRICULUM), (
-    "iters", training.at_least(1)), ("lr", training.POSITIVE))}, mem_jitter=training.between(0, 0.4),
-    **{k: training.between(0, 1) for k in ("smat_unfreeze_memory_at", "smat_unfreeze_encoder_at", "mrl_reset_prob")},
-    **{k: training.at_least(0) for k in ("mem_noise", "smat_aux_weight", "mrl_top_k", "mrl_entropy_coef",
+RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", cli.CURRICULUM), (
+    "iters", cli.at_least(1)), ("lr", cli.POSITIVE))}, mem_jitter=cli.between(0, 0.4),
+    **{k: cli.between(0, 1) for k in ("smat_unfreeze_memory_at", "smat_unfreeze_encoder_at", "mrl_reset_prob")},
+    **{k: cli.at_least(0) for k in ("mem_noise", "smat_aux_weight", "mrl_top_k", "mrl_entropy_coef",
        "mrl_value_coef", "mrl_memory_reg", "mrl_kl_coef", "mrl_bleu_weight", "mrl_recall_weight", "mrl_cosine_weight")},
-    length_buckets=training.at_least(1), mrl_max_answer=training.at_least(1), mrl_ppo_epochs=training.at_least(1), mrl_top_p=training.between(0.01, 1),
-    mrl_temperature=training.POSITIVE, mrl_clip_eps=training.POSITIVE, mrl_reset_std=training.POSITIVE)
+    length_buckets=cli.at_least(1), mrl_max_answer=cli.at_least(1), mrl_ppo_epochs=cli.at_least(1), mrl_top_p=cli.between(0.01, 1),
+    mrl_temperature=cli.POSITIVE, mrl_clip_eps=cli.POSITIVE, mrl_reset_std=cli.POSITIVE)
 
 
 def episode_batch(cfg, pools, split, step, curriculum, g):
@@ -168,7 +170,7 @@ def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
     for t in range(1, len(turns[0])):
         q_ids, q_mask = [x.to(device) for x in collate_queries(tok, [tr[t]["query"] for tr in turns], cfg["seq_len"],
                                                                 cfg["mrl_max_answer"])]
-        ans, ans_len = model.generate(q_ids, q_mask, stm, max_new_tokens=cfg["mrl_max_answer"],
+        ans, ans_len = engine.generate(model, q_ids, q_mask, stm, max_new_tokens=cfg["mrl_max_answer"],
                                       temperature=cfg["mrl_temperature"], top_k=cfg["mrl_top_k"] or None,
                                       top_p=cfg["mrl_top_p"], eos_id=tok.eos_id, generator=g)
         ref_ids, ref_mask = pad_rows([tok.encode(tr[t]["answer"]) + [tok.eos_id] for tr in turns], tok.pad_id)
@@ -270,24 +272,24 @@ TRAIN = {"mem": train_mem, "smat": train_smat, "mrl": train_mrl}
 
 
 def main(argv):
-    cfg = training.configure(DEFAULTS, argv)
+    cfg = cli.configure(DEFAULTS, argv)
     phases = [p for p in cfg["phases"].split(",") if p]
     if not phases or any(p not in PHASES for p in phases):
-        raise training.ConfigError(f"phases must be a comma-separated list of {', '.join(PHASES)}, got "
+        raise cli.ConfigError(f"phases must be a comma-separated list of {', '.join(PHASES)}, got "
                                    f"{cfg['phases']!r}")
     flagged = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}  # config files may set every phase
     unused = sorted(k for k in flagged if k.split("_")[0] in PHASES and k.split("_")[0] not in phases)
     if unused:
-        raise training.ConfigError(f"--{', --'.join(unused)} would change nothing: phases={cfg['phases']!r}")
+        raise cli.ConfigError(f"--{', --'.join(unused)} would change nothing: phases={cfg['phases']!r}")
     device, ctx, rank, world = training.setup(cfg, RULES)
-    training.require_files(cfg["data_dir"], ["tokenizer.tiktoken", cfg["episodes_file"]])
+    cli.require_files(cfg["data_dir"], ["tokenizer.tiktoken", cfg["episodes_file"]])
     tok = Tokenizer.from_file(os.path.join(cfg["data_dir"], "tokenizer.tiktoken"))
     episodes = read_jsonl(os.path.join(cfg["data_dir"], cfg["episodes_file"]))
     pools = episode_pools(episodes, max(1, len(episodes) // 50), by_length=cfg["length_buckets"] > 1)
     for phase in phases:
         missing = sorted({d for entry in cfg[f"{phase}_curriculum"] for d in entry} - set(pools["train"]))
         if missing or not all(set(entry) & set(pools["val"]) for entry in cfg[f"{phase}_curriculum"]):
-            raise training.ConfigError(f"{phase}_curriculum asks for distances {missing or 'absent from validation'}; "
+            raise cli.ConfigError(f"{phase}_curriculum asks for distances {missing or 'absent from validation'}; "
                                        f"{cfg['episodes_file']} has {sorted(pools['train'])}")
     init_from, results = cfg["init_from"], {}
     for phase in phases:
@@ -302,4 +304,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    training.cli(main)
+    cli.run(main)

@@ -1,160 +1,28 @@
 """
-The plumbing every training stage shares, so that each stage script shows only its stage:
-configuration (config/*.py + --key=value) and its checks, user errors as one line, device / bf16 autocast / torchrun,
-AdamW with warmup + cosine, checkpoints (self-contained, atomic, exact resume), and the training loop, written as a
-few small pieces (start, update, evaluate, checkpoint, finish) that read in order.
+The plumbing every training stage shares, so that each stage script shows only its stage: the settings every
+stage has (TRAIN_DEFAULTS, checked with cli.py's rules), device / bf16 autocast / torchrun, AdamW with warmup +
+cosine, checkpoints (self-contained, atomic, exact resume), and the training loop, written as a few small pieces
+(start, update, evaluate, checkpoint, finish) that read in order.
 """
 
-import argparse
-import ast
 import contextlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import cli
 from model import ModelConfig, ReactiveTransformer, StatelessDecoder, get_config
 
-# -----------------------------------------------------------------------------
-# User errors: one clear line, a non-zero exit, nothing written
-
-
-class UserError(Exception):
-    """Something the user can fix (a flag, a file, a checkpoint): reported as one line, never as a traceback."""
-
-
-class ConfigError(UserError):
-    pass
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def cli(main, argv=None):
-    """Run main(argv) for a command-line entry point: a UserError ends with `error: ...` and exit 2 (bad
-    configuration) or 1 (bad files or data); Ctrl-C with a hint that the run resumes."""
-    try:
-        result = main(sys.argv[1:] if argv is None else argv)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return result
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the scripts that take --flag value (bench.py, python -m data.*): a bad flag is a ConfigError,
-    reported by cli() like every other user error."""
-
-    def error(self, message):
-        raise ConfigError(f"{message} (see --help)")
-
-
-# -----------------------------------------------------------------------------
-# Configuration: plain Python files and --key=value, like nanoGPT's configurator
-
-
-def configure(defaults, argv):
-    """defaults (dict) overridden by config files (`config/x.py`) then `--key=value` flags, in order.
-    Unknown keys and wrong types are errors: a typo must never silently train the wrong thing."""
-    cfg = dict(defaults)
-
-    def set_key(key, value, where):
-        if key not in cfg:
-            raise ConfigError(f"unknown config key {key!r} ({where}); known keys: {', '.join(sorted(cfg))}")
-        old = cfg[key]
-        if old is not None and value is not None and type(value) is not type(old):
-            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            else:
-                raise ConfigError(f"config key {key!r} ({where}) must be {type(old).__name__}, "
-                                  f"got {type(value).__name__} {value!r}")
-        cfg[key] = value
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"expected --key=value, got {arg!r}")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string, e.g. --out_dir=out/nano
-            set_key(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file not found: {arg}")
-            namespace = {}
-            exec(open(arg).read(), {}, namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_"):
-                    set_key(key, value, arg)
-    return cfg
-
-
-def check(cfg, **rules):
-    """Check settings before any work: each rule is key=(test, what the value must be). The first that fails is a
-    ConfigError naming the key, its value and the rule."""
-    for key, (test, what) in rules.items():
-        try:
-            ok = test(cfg[key])
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"{key}={cfg[key]!r}: must be {what}")
-
-
-def at_least(n):
-    return (lambda v: not isinstance(v, bool) and v >= n), f"a number >= {n}"
-
-
-def between(lo, hi):
-    return (lambda v: not isinstance(v, bool) and lo <= v <= hi), f"between {lo} and {hi}"
-
-
-POSITIVE = (lambda v: not isinstance(v, bool) and v > 0), "> 0"
-DISTANCES = (lambda v: isinstance(v, list) and v and all(isinstance(d, int) and d > 0 for d in v),
-             "a non-empty list of positive integers (turns between a fact and its question)")
-CURRICULUM = (lambda v: isinstance(v, list) and v and all(DISTANCES[0](entry) for entry in v),
-              "a non-empty list of non-empty lists of distances, e.g. [[1], [1, 2]]")
-TRAIN_RULES = dict(batch_size=at_least(1), max_iters=at_least(1), lr=POSITIVE, min_lr=at_least(0),
-                   warmup_iters=at_least(0), weight_decay=at_least(0), grad_clip=POSITIVE, eval_interval=at_least(1),
-                   eval_iters=at_least(1), log_interval=at_least(1), seq_len=at_least(8),
+TRAIN_RULES = dict(batch_size=cli.at_least(1), max_iters=cli.at_least(1), lr=cli.POSITIVE, min_lr=cli.at_least(0),
+                   warmup_iters=cli.at_least(0), weight_decay=cli.at_least(0), grad_clip=cli.POSITIVE,
+                   eval_interval=cli.at_least(1), eval_iters=cli.at_least(1), log_interval=cli.at_least(1),
+                   seq_len=cli.at_least(8),
                    dtype=((lambda v: v in ("auto", "float32", "bfloat16")), "auto, float32 or bfloat16"),
                    model_args=((lambda v: isinstance(v, dict)), "a dict of ModelConfig fields"))
-
-
-def check_device(name):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' that this machine has, or 'mps'."""
-    if name in ("auto", "cpu") or (name == "mps" and torch.backends.mps.is_available()):
-        return
-    if name.startswith("cuda"):
-        index = name.partition(":")[2]
-        if torch.cuda.is_available() and (not index or (index.isdigit() and int(index) < torch.cuda.device_count())):
-            return
-        raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                          f"use --device=cpu or --device=auto")
-    raise ConfigError(f"device={name!r}: must be auto, cpu, cuda, cuda:N or mps")
-
-
-WORLD_HINT = "build the offline world with: python -m data.memory_world --out_dir data/cache/world"
-
-
-def require_files(folder, names, hint=WORLD_HINT):
-    """Each file must exist in folder; else a UserError that says how to make it."""
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise UserError(f"{', '.join(missing)} not found in {folder} ({hint})")
 
 
 # -----------------------------------------------------------------------------
@@ -169,10 +37,10 @@ def resolve_device(name):
 def setup(cfg, rules=None):
     """Check the settings (TRAIN_RULES for the keys cfg has, and the stage's own rules); then the device, autocast
     context and (rank, world_size) for this process; under torchrun also the process group."""
-    check(cfg, **{k: rule for k, rule in TRAIN_RULES.items() if k in cfg}, **(rules or {}))
+    cli.check(cfg, **{k: rule for k, rule in TRAIN_RULES.items() if k in cfg}, **(rules or {}))
     if "min_lr" in cfg and cfg["min_lr"] > cfg["lr"]:
-        raise ConfigError(f"min_lr={cfg['min_lr']} is above lr={cfg['lr']}: the schedule decays from lr to min_lr")
-    check_device(cfg["device"])
+        raise cli.ConfigError(f"min_lr={cfg['min_lr']} is above lr={cfg['lr']}: the schedule decays from lr to min_lr")
+    cli.check_device(cfg["device"])
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
     cfg["device"] = resolve_device(cfg["device"])
@@ -264,16 +132,16 @@ def save_checkpoint(path, model, *, stage, step, cfg, tokenizer=None, optimizer=
 def load_checkpoint(path, device="cpu"):
     """The checkpoint dict, or a CheckpointError that says what is wrong in one line."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise cli.CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # empty, truncated, not a torch file, ...
         first = (str(e).splitlines() or ["empty or cut short"])[0].split(". ")[0][:120]  # torch's first sentence
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}): not a nanoRxT "
+        raise cli.CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {first}): not a nanoRxT "
                               f"checkpoint, or a damaged one")
     missing = {"model", "model_config", "stage", "step"} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
-        raise CheckpointError(f"{path} is not a nanoRxT checkpoint (missing {sorted(missing)})")
+        raise cli.CheckpointError(f"{path} is not a nanoRxT checkpoint (missing {sorted(missing)})")
     return ckpt
 
 
@@ -281,11 +149,11 @@ def model_from_checkpoint(ckpt, path="checkpoint", device="cpu"):
     try:
         mcfg = ModelConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad model config: {e}")
+        raise cli.CheckpointError(f"{path}: bad model config: {e}")
     kinds = {"ReactiveTransformer": ReactiveTransformer, "StatelessDecoder": StatelessDecoder}
     kind = ckpt.get("model_kind", "ReactiveTransformer")
     if kind not in kinds:
-        raise CheckpointError(f"{path}: unknown model kind {kind!r}")
+        raise cli.CheckpointError(f"{path}: unknown model kind {kind!r}")
     model = kinds[kind](mcfg)
     load_weights(model, ckpt["model"], path)
     return model.to(device)
@@ -296,13 +164,13 @@ def load_weights(model, state, path="checkpoint"):
         model.load_state_dict(state)
     except RuntimeError as e:  # wrong shapes or keys: name the first problem, not a wall of text
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        raise CheckpointError(f"{path} does not fit this model: {lines[1] if len(lines) > 1 else lines[0]}"[:300])
+        raise cli.CheckpointError(f"{path} does not fit this model: {lines[1] if len(lines) > 1 else lines[0]}"[:300])
 
 
 def tokenizer_from_checkpoint(ckpt, path="checkpoint"):
     from data.tokenizer import Tokenizer
     if not ckpt.get("tokenizer"):
-        raise CheckpointError(f"{path} carries no tokenizer")
+        raise cli.CheckpointError(f"{path} carries no tokenizer")
     return Tokenizer(ckpt["tokenizer"]["ranks"])
 
 
@@ -345,14 +213,16 @@ def init_model(cfg, tokenizer, device, kind=ReactiveTransformer):
     if cfg["init_from"]:
         model = model_from_checkpoint(load_checkpoint(cfg["init_from"], device), cfg["init_from"], device)
         if not isinstance(model, kind):
-            raise CheckpointError(f"{cfg['init_from']} holds a {type(model).__name__}, this stage trains a {kind.__name__}")
+            raise cli.CheckpointError(f"{cfg['init_from']} holds a {type(model).__name__}, this stage trains a "
+                                      f"{kind.__name__}")
         if model.cfg.vocab_size != tokenizer.vocab_size:
-            raise CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer {tokenizer.vocab_size}")
+            raise cli.CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer "
+                                      f"{tokenizer.vocab_size}")
         return model
     try:
         mcfg = get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])
     except (TypeError, ValueError) as e:
-        raise ConfigError(str(e))
+        raise cli.ConfigError(str(e))
     return kind(mcfg).to(device)
 
 
@@ -451,8 +321,8 @@ def train(cfg, model, *, stage, get_batch, loss_fn, params, device, ctx, rank=0,
             print(f"[{stage}] already finished ({step} steps): nothing to do")
         return metrics
     t0, tokens, batch = time.time(), 0, None
-    bar = tqdm(range(step, cfg["max_iters"]), desc=stage, disable=rank != 0, dynamic_ncols=True, initial=step,
-               total=cfg["max_iters"])
+    bar = cli.progress(range(step, cfg["max_iters"]), desc=stage, disable=rank != 0, initial=step,
+                       total=cfg["max_iters"])
     for step in bar:
         g_cpu, g = generators(cfg, step, device, rank)
         if batch is None or step % batch_reuse == 0:
@@ -466,7 +336,7 @@ def train(cfg, model, *, stage, get_batch, loss_fn, params, device, ctx, rank=0,
         if (step + 1) % cfg["eval_interval"] == 0 or step + 1 == cfg["max_iters"]:
             metrics = dict(evaluate(model, cfg, get_batch, loss_fn, ctx, device, step), train_loss=loss.item())
             if rank == 0:
-                tqdm.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {show(metrics)}")
+                bar.write(f"[{stage}] step {step + 1}/{cfg['max_iters']}  lr {lr:.2e}  {show(metrics)}")
             if step + 1 < cfg["max_iters"]:  # the final checkpoint follows, with the run's timing in its metrics
                 checkpoint(cfg, model, optimizer, stage=stage, step=step + 1, metrics=metrics, tokenizer=tokenizer,
                            rank=rank, extra_modules=extra_modules)

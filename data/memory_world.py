@@ -22,6 +22,8 @@ import random
 import re
 import time
 
+import cli
+
 GIRLS = ["Mia", "Lily", "Anna", "Lucy", "Emma", "Zoe", "Sara", "Ella", "Ruby", "Amy", "Lola", "Kate", "Nina", "Rosa",
          "Ivy", "Maya", "Jade", "Grace", "Molly", "Eva"]
 BOYS = ["Tom", "Ben", "Sam", "Max", "Leo", "Jack", "Tim", "Finn", "Noah", "Jake", "Owen", "Dan", "Hugo", "Eli", "Alex",
@@ -393,8 +395,7 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
 
 
 def main(argv):
-    import training  # the shared command-line plumbing (one-line user errors)
-    parser = training.ArgumentParser(description="Generate the offline memory world (stories, SFT, episodes).")
+    parser = cli.ArgumentParser(description="Generate the offline memory world (stories, SFT, episodes).")
     parser.add_argument("--out_dir", default="data/cache/world")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--n_stories", type=int, default=50_000)
@@ -409,11 +410,11 @@ def main(argv):
                         "questions (two people, one slot)")
     args = parser.parse_args(argv)
     # every distance (5) and kind (3) at least twice, so that the validation split has each
-    training.check(vars(args), n_stories=training.at_least(100), n_interactions=training.at_least(50),
-                   n_episodes=training.at_least(300), n_test_episodes=training.at_least(30),
-                   vocab_size=training.at_least(264), binding=training.between(0, 1))
+    cli.check(vars(args), n_stories=cli.at_least(100), n_interactions=cli.at_least(50),
+                   n_episodes=cli.at_least(300), n_test_episodes=cli.at_least(30),
+                   vocab_size=cli.at_least(264), binding=cli.between(0, 1))
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise training.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
+        raise cli.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     t0 = time.time()
     build_world(args.out_dir, args.seed, args.n_stories, args.n_interactions, args.n_episodes,
                 args.n_test_episodes, args.vocab_size, acks_only=not args.echo, binding=args.binding)
@@ -423,5 +424,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import training
-    training.cli(main)
+    cli.run(main)

@@ -16,8 +16,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-from tqdm import tqdm
 
+import cli
 from data.tokenizer import Tokenizer, save_ranks, train_bpe
 
 URL_BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
@@ -54,7 +54,7 @@ def download(url, dest, chunk=1 << 20, timeout=30):
         total = have + int(length) if length is not None else None
         name = os.path.basename(dest)
         with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                cli.progress(total=total, initial=have, desc=f"downloading {name}", unit="B", unit_scale=True) as bar:
             try:
                 while True:
                     data = response.read(chunk)
@@ -100,7 +100,7 @@ def tokenize_to_bin(stories, tokenizer, out_path, max_stories=None, batch=1024):
     stories = iter(stories) if max_stories is None else itertools.islice(stories, max_stories)
     tmp = out_path + ".tmp"
     n_tokens = 0
-    with open(tmp, "wb") as f, tqdm(desc=f"tokenizing {os.path.basename(out_path)}", unit=" stories") as bar:
+    with open(tmp, "wb") as f, cli.progress(desc=f"tokenizing {os.path.basename(out_path)}", unit=" stories") as bar:
         while True:
             texts = list(itertools.islice(stories, batch))
             if not texts:
@@ -151,8 +151,7 @@ def prepare(out_dir, vocab_size=7500, train_path=None, valid_path=None, max_stor
 
 
 def main(argv):
-    import training  # the shared command-line plumbing (one-line user errors)
-    parser = training.ArgumentParser(description="Prepare TinyStories: tokenizer.tiktoken, train.bin, val.bin.")
+    parser = cli.ArgumentParser(description="Prepare TinyStories: tokenizer.tiktoken, train.bin, val.bin.")
     parser.add_argument("--out_dir", default="data/cache/tinystories")
     parser.add_argument("--vocab_size", type=int, default=7500)
     parser.add_argument("--train_path", default=None, help="local train .txt instead of downloading")
@@ -160,18 +159,17 @@ def main(argv):
     parser.add_argument("--max_stories", type=int, default=None, help="tokenize at most this many stories per split")
     parser.add_argument("--tokenizer_sample_bytes", type=int, default=20_000_000)
     args = parser.parse_args(argv)
-    training.check(vars(args), vocab_size=training.at_least(264), tokenizer_sample_bytes=training.at_least(1000),
+    cli.check(vars(args), vocab_size=cli.at_least(264), tokenizer_sample_bytes=cli.at_least(1000),
                    max_stories=((lambda v: v is None or v >= 1), "a positive number of stories"))
     for path in (args.train_path, args.valid_path):
         if path is not None and not os.path.isfile(path):
-            raise training.UserError(f"{path} not found (give a TinyStories .txt file, or leave it out to download)")
+            raise cli.UserError(f"{path} not found (give a TinyStories .txt file, or leave it out to download)")
     try:
         prepare(args.out_dir, args.vocab_size, args.train_path, args.valid_path, args.max_stories,
                 args.tokenizer_sample_bytes)
     except RuntimeError as e:  # download failures: the message says what happened
-        raise training.UserError(f"{e} (offline? give local files with --train_path and --valid_path)")
+        raise cli.UserError(f"{e} (offline? give local files with --train_path and --valid_path)")
 
 
 if __name__ == "__main__":
-    import training
-    training.cli(main)
+    cli.run(main)

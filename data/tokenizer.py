@@ -15,7 +15,8 @@ import time
 from collections import Counter, defaultdict
 
 import tiktoken
-from tqdm import tqdm
+
+import cli
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[Q]", "[A]", "[T]"]
 
@@ -60,7 +61,7 @@ def count_pretokens(texts, verbose=True):
     """Counter of the pre-tokenizer pieces of all texts."""
     pat = re.compile(PAT_STR)
     counts = Counter()
-    for text in tqdm(texts, desc="pre-tokenizing", unit=" texts", disable=not verbose):
+    for text in cli.progress(texts, desc="pre-tokenizing", unit=" texts", disable=not verbose):
         counts.update(pat.findall(text))
     return counts
 
@@ -92,7 +93,7 @@ def train_bpe(texts, vocab_size, verbose=True):
     heap = [(-c, pair) for pair, c in pair_counts.items()]
     heapq.heapify(heap)
 
-    pbar = tqdm(total=n_merges, desc="bpe merges", disable=not verbose)
+    pbar = cli.progress(total=n_merges, desc="bpe merges", disable=not verbose)
     while len(vocab) < 256 + n_merges:
         if not heap:
             if verbose:
@@ -222,22 +223,21 @@ def read_texts(paths, max_bytes=None):
 
 
 def main(argv):
-    import training  # the shared command-line plumbing (one-line user errors)
-    parser = training.ArgumentParser(description="Train a byte-level BPE tokenizer into a .tiktoken file.")
+    parser = cli.ArgumentParser(description="Train a byte-level BPE tokenizer into a .tiktoken file.")
     parser.add_argument("--input", nargs="+", required=True, help="text files to train on")
     parser.add_argument("--vocab_size", type=int, default=7500, help="total, including the 8 special tokens")
     parser.add_argument("--out", required=True, help="output .tiktoken file")
     parser.add_argument("--max_bytes", type=int, default=None, help="train on at most this many characters")
     args = parser.parse_args(argv)
-    training.check(vars(args), vocab_size=training.at_least(256 + len(SPECIAL_TOKENS)),
+    cli.check(vars(args), vocab_size=cli.at_least(256 + len(SPECIAL_TOKENS)),
                    max_bytes=((lambda v: v is None or v >= 1), "a positive number of characters"))
     for path in args.input:
         if not os.path.isfile(path):
-            raise training.UserError(f"input {path} not found")
+            raise cli.UserError(f"input {path} not found")
     texts = list(read_texts(args.input, args.max_bytes))
     n_chars = sum(len(t) for t in texts)
     if not n_chars:
-        raise training.UserError(f"{', '.join(args.input)}: no text to learn from")
+        raise cli.UserError(f"{', '.join(args.input)}: no text to learn from")
     t0 = time.time()
     ranks = train_bpe(texts, args.vocab_size)
     dt = time.time() - t0
@@ -250,5 +250,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import training
-    training.cli(main)
+    cli.run(main)

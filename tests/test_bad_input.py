@@ -16,6 +16,7 @@ import train_baseline
 import train_joint
 import train_mlm
 import train_mrl
+import cli
 import training
 from conftest import TINY
 from data import memory_world, tinystories, tokenizer
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(main, argv, capsys):
     """main through training.cli, as its script runs it: the exit code and what it printed to stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        training.cli(main, argv)
+        cli.run(main, argv)
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import chat
+import engine
 import training
 from conftest import TINY
 from data.tokenizer import Tokenizer
@@ -83,22 +84,22 @@ def test_the_next_answer_reads_the_finished_write_of_query_answer_and_eos(checkp
     was written is the whole turn - [BOS][Q] query [A], the answer the user saw, [EOS]."""
     model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
     session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8))
-    real_update, real_interact = model.update_memory, model.interact
+    real_update, real_interact = model.update_memory, engine.interact
     writes, reads, said = [], [], []
 
-    def slow_update(stm, ids, attn_mask=None):
+    def slow_update(stm, ids, attn_mask=None, chunks=None):
         time.sleep(0.3)
-        writes.append((ids[0].tolist(), real_update(stm, ids, attn_mask)))
+        writes.append((ids[0].tolist(), real_update(stm, ids, attn_mask, chunks)))
         return writes[-1][1]
 
-    def spy_interact(query_ids, stm, **kw):
+    def spy_interact(m, query_ids, stm, **kw):
         reads.append((list(query_ids), stm))
         said.append([])
-        for t in real_interact(query_ids, stm, **kw):
+        for t in real_interact(m, query_ids, stm, **kw):
             said[-1].append(t)
             yield t
     monkeypatch.setattr(model, "update_memory", slow_update)
-    monkeypatch.setattr(model, "interact", spy_interact)
+    monkeypatch.setattr(engine, "interact", spy_interact)
     sink = open(os.devnull, "w")
     session.answer("Mia has a red ball.", sink)
     session.answer("Where is Mia?", sink)  # asked while the first write still sleeps

@@ -185,7 +185,7 @@ def test_greedy_generation_equals_argmax_of_full_forward_passes():
     m = tiny_model()
     stm = m.new_memory(1)
     ids = torch.randint(0, 97, (1, 7))
-    got = list(m.interact(ids[0], stm, temperature=0, max_new_tokens=10))
+    got = list(engine.interact(m, ids[0], stm, temperature=0, max_new_tokens=10))
     seq = ids
     for _ in range(10):
         nxt = m.decode(seq, stm)[0][:, -1].argmax(dim=-1, keepdim=True)
@@ -201,10 +201,10 @@ def test_batched_generation_with_right_padding_matches_one_by_one():
     ids[0], ids[1, :5] = q0, q1
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[0], mask[1, :5] = True, True
-    tokens, lengths = m.generate(ids, mask, stm, max_new_tokens=12, temperature=0)
+    tokens, lengths = engine.generate(m, ids, mask, stm, max_new_tokens=12, temperature=0)
     assert tokens.shape == (2, 12) and lengths.tolist() == [12, 12]
     for b, q in enumerate([q0, q1]):
-        alone = list(m.interact(q, stm[:, b:b + 1], temperature=0, max_new_tokens=12))
+        alone = list(engine.interact(m, q, stm[:, b:b + 1], temperature=0, max_new_tokens=12))
         assert tokens[b].tolist() == alone
 
 
@@ -227,7 +227,7 @@ def test_stateless_baseline_has_no_memory_path():
     ids = torch.randint(0, 97, (1, 10))
     logits, _, _ = base(ids)
     assert logits.shape == (1, 10, 97)
-    tokens, lengths = base.generate(ids, max_new_tokens=5, temperature=0)
+    tokens, lengths = engine.generate(base, ids, max_new_tokens=5, temperature=0)
     assert tokens.shape == (1, 5)
 
 
@@ -316,15 +316,15 @@ def test_interact_stops_at_eos_or_max_new_tokens():
     m = tiny_model()
     stm = m.new_memory(1)
     query = torch.randint(0, 97, (6,))
-    greedy = list(m.interact(query, stm, temperature=0, max_new_tokens=10))
+    greedy = list(engine.interact(m, query, stm, temperature=0, max_new_tokens=10))
     assert len(greedy) == 10  # no eos_id: runs to max_new_tokens
-    assert greedy == list(m.interact(query, stm, temperature=0, max_new_tokens=10))  # greedy is deterministic
+    assert greedy == list(engine.interact(m, query, stm, temperature=0, max_new_tokens=10))  # greedy is deterministic
     eos = greedy[3]
-    stopped = list(m.interact(query, stm, temperature=0, max_new_tokens=10, eos_id=eos))
+    stopped = list(engine.interact(m, query, stm, temperature=0, max_new_tokens=10, eos_id=eos))
     assert stopped == greedy[:greedy.index(eos)]  # stops before [EOS], which is not yielded
     with torch.no_grad():
         m.decoder.lm_head.bias[5] = 1e4  # the model now always says token 5
-    assert list(m.interact(query, stm, temperature=0.8, top_k=5, top_p=0.9, eos_id=5)) == []
+    assert list(engine.interact(m, query, stm, temperature=0.8, top_k=5, top_p=0.9, eos_id=5)) == []
 
 
 def test_sampling_respects_top_k_and_top_p():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import scores
 import train_mrl
 import training
 from conftest import TINY
@@ -20,7 +21,7 @@ from model import ReactiveTransformer, get_config
 
 
 def reference_bleu(cand, ref, max_n=4):
-    """Plain-Python per-sentence BLEU with the same smoothing as evaluate.bleu (add-one for n > 1)."""
+    """Plain-Python per-sentence BLEU with the same smoothing as scores.bleu (add-one for n > 1)."""
     if not cand:
         return 0.0
     logs = []
@@ -49,7 +50,7 @@ def test_bleu_matches_a_plain_python_reference_on_random_sequences():
     refs = [[rng.randrange(6) for _ in range(rng.randrange(1, 15))] for _ in range(300)]
     c, c_len = pad(cands, 0)
     r, r_len = pad(refs, -1)
-    got = evaluate.bleu(c, c_len, r, r_len)
+    got = scores.bleu(c, c_len, r, r_len)
     want = torch.tensor([reference_bleu(a, b) for a, b in zip(cands, refs)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (want > 0).sum() > 100  # the comparison is not all zeros
@@ -58,7 +59,7 @@ def test_bleu_matches_a_plain_python_reference_on_random_sequences():
 def test_bleu_is_one_for_identical_and_zero_for_disjoint_answers():
     c, c_len = pad([[1, 2, 3, 4, 5], [1, 2, 3]], 0)
     r, r_len = pad([[1, 2, 3, 4, 5], [7, 8, 9]], -1)
-    torch.testing.assert_close(evaluate.bleu(c, c_len, r, r_len), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(scores.bleu(c, c_len, r, r_len), torch.tensor([1.0, 0.0]))
 
 
 def tiny_model(tok, **overrides):

@@ -4,6 +4,7 @@ bf16 autocast, the fused AdamW kernel (and its fallback)."""
 import pytest
 import torch
 
+import engine
 import training
 from model import ModelConfig, ReactiveTransformer, get_config
 
@@ -72,7 +73,7 @@ def test_generation_under_bf16_autocast_takes_the_fast_path_in_the_weights_dtype
     torch.manual_seed(0)
     m = ReactiveTransformer(get_config("nano", vocab_size=200)).eval()
     stm, query = m.new_memory(1), torch.randint(0, 200, (8,))
-    want = list(m.interact(query, stm, temperature=0, max_new_tokens=6))
+    want = list(engine.interact(m, query, stm, temperature=0, max_new_tokens=6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = list(m.interact(query, stm, temperature=0, max_new_tokens=6))
+        got = list(engine.interact(m, query, stm, temperature=0, max_new_tokens=6))
     assert got == want

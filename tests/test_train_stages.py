@@ -11,6 +11,7 @@ import torch
 
 import train_joint
 import train_mlm
+import cli
 import training
 from conftest import tiny_flags
 from data.loaders import get_lm_batch, mlm_inputs, next_token_targets
@@ -70,7 +71,7 @@ def test_sft_trains_on_interactions_from_a_joint_checkpoint(world, joint_run, tm
 def test_interrupted_run_resumes_to_the_same_weights(world, tmp_path):
     """n steps in one run == k steps, a crash, and a second run that resumes from the checkpoint."""
     def run(out_dir, crash_at=None):
-        cfg = training.configure(train_mlm.DEFAULTS, tiny_flags(data_dir=world, out_dir=str(out_dir), max_iters=24,
+        cfg = cli.configure(train_mlm.DEFAULTS, tiny_flags(data_dir=world, out_dir=str(out_dir), max_iters=24,
                                                                 eval_interval=8))
         device, ctx, _, _ = training.setup(cfg)
         tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
@@ -125,7 +126,7 @@ def test_each_rank_trains_on_its_own_batches(world, tmp_path):
     """Under torchrun every rank draws its own data (seeded by its rank): data parallelism, not one batch twice."""
     seen = {}
     for rank in (0, 1):
-        cfg = training.configure(train_mlm.DEFAULTS, tiny_flags(data_dir=world, out_dir=str(tmp_path / str(rank)),
+        cfg = cli.configure(train_mlm.DEFAULTS, tiny_flags(data_dir=world, out_dir=str(tmp_path / str(rank)),
                                                                 max_iters=2, eval_interval=2))
         device, ctx, _, _ = training.setup(cfg)
         tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import training
 from model import ModelConfig, ReactiveTransformer
 
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_config_files_and_flags_override_in_order(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("lr = 3e-4\nbatch_size = 8\n")
-    cfg = training.configure(training.TRAIN_DEFAULTS, [str(f), "--batch_size=4", "--out_dir=out/x", "--lr=1"])
+    cfg = cli.configure(training.TRAIN_DEFAULTS, [str(f), "--batch_size=4", "--out_dir=out/x", "--lr=1"])
     assert cfg["batch_size"] == 4 and cfg["out_dir"] == "out/x" and cfg["lr"] == 1.0
 
 
@@ -27,8 +28,8 @@ def test_config_files_and_flags_override_in_order(tmp_path):
     (["config/does_not_exist.py"], "config file not found"),
 ])
 def test_config_errors_are_clear(argv, message):
-    with pytest.raises(training.ConfigError, match=message):
-        training.configure(training.TRAIN_DEFAULTS, argv)
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.configure(training.TRAIN_DEFAULTS, argv)
 
 
 def test_bad_flag_exits_nonzero_and_writes_nothing(tmp_path):
@@ -69,15 +70,15 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 
 def test_missing_corrupt_and_wrong_shape_checkpoints_give_one_line_errors(tmp_path):
-    with pytest.raises(training.CheckpointError, match="not found"):
+    with pytest.raises(cli.CheckpointError, match="not found"):
         training.load_checkpoint(str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(training.CheckpointError, match="cannot read"):
+    with pytest.raises(cli.CheckpointError, match="cannot read"):
         training.load_checkpoint(str(bad))
     path = str(tmp_path / "ckpt.pt")
     training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="joint", step=1, cfg={})
     other = ReactiveTransformer(tiny_cfg(d_model=32))
-    with pytest.raises(training.CheckpointError, match="does not fit") as e:
+    with pytest.raises(cli.CheckpointError, match="does not fit") as e:
         training.load_weights(other, training.load_checkpoint(path)["model"], path)
     assert "\n" not in str(e.value)
