@@ -10,6 +10,9 @@ Benchmarks: what RxT's fixed-size memory buys, and what Sparse Query Attention b
                 the achieved FLOP/s against a plain matmul measured in the same run (MFU on GPU)
   memory        the state each model carries into turn N (RxT: the STM; baseline: the KV cache of the whole history)
                 and the peak memory of a long conversation
+  smat          episodes/s of a SMAT step (the demo's config and the memory world's episodes, nano) with every turn
+                padded and with its rows in length chunks, side by side, and the share of computed positions that
+                are real tokens in each curriculum phase (needs the world: python -m data.memory_world)
 
     python bench.py                                    # everything, micro preset (about 4 minutes on 2 CPU cores)
     python bench.py --quick                            # tiny sizes, a few seconds (the smoke test)
@@ -39,7 +42,7 @@ import model as M
 import cli
 import training
 
-SECTIONS = ("conversation", "attention", "training", "memory")
+SECTIONS = ("conversation", "attention", "training", "memory", "smat")
 QUERY_LEN, ANSWER_LEN = 32, 32
 # bf16 dense peak FLOP/s of a few GPUs (datasheets) for MFU; elsewhere the measured matmul is the reference
 PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -58,11 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--sections", default="", help="comma-separated subset of " + ",".join(SECTIONS) + " (default: "
+                   "all; smat only where the world is built)")
     p.add_argument("--out", default="out/bench/bench.json", help="JSON results (a PNG plot is written next to it)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--data_dir", default="data/cache/world", help="the memory world, for the smat section")
     args = p.parse_args(argv)
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    world = os.path.isfile(os.path.join(args.data_dir, "episodes_train.jsonl"))
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()] or [
+        s for s in SECTIONS if s != "smat" or world]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown or not args.sections:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
@@ -82,11 +89,11 @@ def parse_args(argv=None):
         p.error(f"--seq_lens must be comma-separated integers, got {args.seq_lens!r}")
     args.repeats = 5 if args.repeats is None else args.repeats
     cli.check(vars(args), turns=cli.at_least(2), repeats=cli.at_least(1),
-                   threads=((lambda v: v is None or v >= 1), "at least 1"),
-                   seq_lens=((lambda v: all(t >= 8 for t in v)), "lengths of at least 8 tokens"),
-                   attn_heads=cli.at_least(4),  # xSQA has H/4 query heads
-                   attn_dim=((lambda d: d % args.attn_heads == 0 and (d // args.attn_heads) % 2 == 0),
-                             "a multiple of attn_heads with an even head size"))
+              threads=((lambda v: v is None or v >= 1), "at least 1"),
+              seq_lens=((lambda v: all(t >= 8 for t in v)), "lengths of at least 8 tokens"),
+              attn_heads=cli.at_least(4),  # xSQA has H/4 query heads
+              attn_dim=((lambda d: d % args.attn_heads == 0 and (d // args.attn_heads) % 2 == 0),
+                        "a multiple of attn_heads with an even head size"))
     for path in (args.ckpt, args.baseline_ckpt):
         if path and not os.path.isfile(path):
             raise cli.CheckpointError(f"checkpoint not found: {path}")
@@ -500,6 +507,66 @@ def bench_memory(args, device, amp, conversation):
 
 
 # -----------------------------------------------------------------------------
+# 5. SMAT: a memory-aware training step on the world's episodes, every turn padded vs its rows in length chunks
+
+
+def bench_smat(args, device, amp):
+    import train_mrl
+    from data.loaders import computed_positions, episode_pools, episode_tensors, length_chunks
+    from data.memory_world import read_jsonl
+    from data.tokenizer import Tokenizer
+
+    cli.require_files(args.data_dir, ["tokenizer.tiktoken", "episodes_train.jsonl"])
+    tok = Tokenizer.from_file(os.path.join(args.data_dir, "tokenizer.tiktoken"))
+    episodes = read_jsonl(os.path.join(args.data_dir, "episodes_train.jsonl"))
+    pools = episode_pools(episodes, len(episodes) // 50)
+    cfg = cli.configure(train_mrl.DEFAULTS, ["config/nano_mrl.py"])  # the demo's SMAT: batch, curriculum, BPTT
+    phases = cfg["smat_curriculum"]
+    cfg.update(max_iters=len(phases), batch_size=8 if args.quick else cfg["batch_size"])
+    n_batches = 2 if args.quick else 50
+    share = {}
+    for i, phase in enumerate(phases):  # real tokens / computed positions over n_batches batches of each phase
+        real, padded, chunked = 0, 0, 0
+        for b in range(n_batches):
+            batch = train_mrl.episode_batch(cfg, pools, "train", i, phases, torch.Generator().manual_seed(b))
+            for _, mask, _ in episode_tensors(tok, batch, cfg["seq_len"], "cpu"):
+                real += mask.sum().item()
+                padded += computed_positions(mask, None)
+                chunked += computed_positions(mask, length_chunks(mask))
+        share[str(phase)] = {"padded": real / padded, "chunks": real / chunked}
+    torch.manual_seed(args.seed)
+    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size)).to(device).train()
+    params = [p for n, p in model.named_parameters() if not n.startswith("mlm_head.")]
+    opt = training.make_optimizer(params, dict(lr=1e-4, weight_decay=0.1), device)
+    batch = episode_tensors(tok, train_mrl.episode_batch(cfg, pools, "train", len(phases) - 1, phases,
+                                                         torch.Generator().manual_seed(args.seed)), cfg["seq_len"],
+                            device)  # the longest phase
+
+    def step(chunks):
+        with amp:
+            loss, _ = train_mrl.smat_loss(model, batch, dict(cfg, chunks=chunks), torch.Generator(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = {True: [], False: []}
+    for _ in range(max(1, args.repeats)):  # alternating, so that both see the same machine
+        for chunks in (False, True):
+            times[chunks].append(timed(lambda: step(chunks), device, 1, warmup=0 if times[chunks] else 1))
+    padded, chunked = statistics.median(times[False]), statistics.median(times[True])
+    B = cfg["batch_size"]
+    result = {"batch": B, "phase": phases[-1], "padded_step_s": padded, "chunks_step_s": chunked,
+              "padded_episodes_per_s": B / padded, "chunks_episodes_per_s": B / chunked, "speedup": padded / chunked,
+              "real_share": share}
+    print_table(f"5. SMAT step (nano, batch {B}, config/nano_mrl.py, phase {phases[-1]}, whole-episode BPTT): "
+                f"padded vs rows in length chunks", ["", "step ms", "episodes/s"],
+                [["padded", ms(padded), f"{B / padded:.1f}"], ["chunks", ms(chunked), f"{B / chunked:.1f}"]])
+    print_table("   real tokens / computed positions per curriculum phase", ["phase", "padded", "chunks"],
+                [[p, f"{s['padded']:.2f}", f"{s['chunks']:.2f}"] for p, s in share.items()])
+    return result
+
+
+# -----------------------------------------------------------------------------
 # Plot (optional) and main
 
 
@@ -563,6 +630,8 @@ def main(argv=None):
         if conversation is None:  # one quiet pass for the peak memory
             conversation = bench_conversation(argparse.Namespace(**dict(vars(args), repeats=1)), device, amp, True)
         results["memory"] = bench_memory(args, device, amp, conversation)
+    if "smat" in args.sections:
+        results["smat"] = bench_smat(args, device, amp)
 
     summary = []
     if "conversation" in results:
@@ -577,6 +646,9 @@ def main(argv=None):
     if "training" in results:
         summary.append(", ".join(f"{p} {r['tokens_per_s']:.0f} train tokens/s"
                                  for p, r in results["training"]["presets"].items()))
+    if "smat" in results:
+        summary.append(f"SMAT {results['smat']['chunks_episodes_per_s']:.1f} episodes/s in chunks, "
+                       f"{results['smat']['speedup']:.2f}x padded")
     results["summary"] = "; ".join(summary)
     results["elapsed_s"] = time.perf_counter() - t_start
 

@@ -107,13 +107,13 @@ def load(cfg):
 
 def main(argv):
     cfg = cli.configure(DEFAULTS, argv)
-    cli.check(cfg, temperature=cli.at_least(0), top_k=cli.at_least(0),
-                   top_p=cli.between(0.01, 1), max_new_tokens=cli.at_least(1))
+    cli.check(cfg, temperature=cli.at_least(0), top_k=cli.at_least(0), seed=cli.at_least(0),
+              top_p=cli.between(0.01, 1), max_new_tokens=cli.at_least(1))
     cli.check_device(cfg["device"])
     model, tok, ckpt = load(cfg)
     if not 0 < cfg["max_new_tokens"] <= model.cfg.seq_len // 2:
         raise cli.ConfigError(f"max_new_tokens must be in 1..{model.cfg.seq_len // 2} (the model's interactions "
-                                   f"are at most {model.cfg.seq_len} tokens, and the query needs room too)")
+                              f"are at most {model.cfg.seq_len} tokens, and the query needs room too)")
     session = Session(model, tok, cfg)
     interactive = sys.stdin.isatty()
     if interactive:

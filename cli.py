@@ -162,7 +162,9 @@ class progress:
     def __init__(self, iterable=None, total=None, desc="", initial=0, disable=False, **tqdm_args):
         self.iterable, self.desc, self.disable = iterable, desc, disable
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.postfix, self.t0, self.next_line = initial, "", time.time(), initial
+        self.n, self.postfix, self.t0 = initial, "", time.time()
+        self.step = max(1, -(-(self.total or 0) // 10))  # a line at every tenth of the way, and at the end
+        self.next_line = (initial // self.step + 1) * self.step
         self.bar = None
         if not disable and sys.stderr.isatty():
             self.bar = tqdm(iterable, total=self.total, desc=desc, initial=initial, dynamic_ncols=True, **tqdm_args)
@@ -179,9 +181,8 @@ class progress:
         if self.bar is not None:
             return self.bar.update(n)
         self.n += n
-        if not self.disable and self.total and (self.n >= self.next_line or self.n >= self.total):
-            step = max(1, self.total // 10)
-            self.next_line = (self.n // step + 1) * step
+        if not self.disable and self.total and (self.n >= self.next_line or self.n == self.total):
+            self.next_line = min((self.n // self.step + 1) * self.step, self.total)
             print(f"{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f}s){self.postfix}", flush=True)
 
     def set_postfix(self, **kv):

@@ -5,6 +5,7 @@ stage of the curriculum on 2 CPU cores, evaluate its memory, write a report card
     python demo.py              # ~25 minutes on 2 CPU cores, then chat.py
     python demo.py --no-chat    # for scripts
     python demo.py --baseline   # then also train and evaluate the stateless baseline: the paper's comparison
+    python demo.py --dmpo       # the last stage is DMPO (preferences through the memory) instead of MRL
     python demo.py --device=cpu --dtype=float32 --compile=False   # passed to every training stage
 Re-running reuses finished stages (each stage resumes from its checkpoint, or sees it is done).
 Every stage is the documented command of its script, so the demo is also the recipe.
@@ -27,14 +28,14 @@ WORLD = "data/cache/world"
 PASS_THROUGH = ("--device=", "--dtype=", "--compile=")  # flags every training stage takes
 
 
-def stages(extra, baseline):
+def stages(extra, baseline, final="mrl"):
     py = sys.executable
     rxt = [("world", [py, "-m", "data.memory_world", "--out_dir", WORLD]),
            ("mlm", [py, "train_mlm.py", "config/nano_mlm.py", *extra]),
            ("joint", [py, "train_joint.py", "config/nano_joint.py", *extra]),
            ("sft", [py, "train_joint.py", "config/nano_sft.py", *extra]),
-           ("memory stages", [py, "train_mrl.py", "config/nano_mrl.py", *extra]),
-           ("eval", [py, "evaluate.py", f"--ckpt={OUT}/mrl/ckpt.pt", f"--out={OUT}/eval.json"])]
+           ("memory stages", [py, "train_mrl.py", "config/nano_mrl.py", f"--phases=smat,{final}", *extra]),
+           ("eval", [py, "evaluate.py", f"--ckpt={OUT}/{final}/ckpt.pt", f"--out={OUT}/eval.json"])]
     stateless = [("baseline lm", [py, "train_baseline.py", "config/nano_baseline_lm.py", *extra]),
                  ("baseline", [py, "train_baseline.py", "config/nano_baseline.py", *extra]),
                  ("baseline eval", [py, "evaluate.py", f"--ckpt={OUT}/baseline/ckpt.pt",
@@ -49,10 +50,11 @@ def stage_metrics(path):
     return ckpt["step"], ckpt["metrics"]
 
 
-def report(wall):
+def report(wall, final="mrl"):
     """The run's report card: each stage's time and final metrics, and the recall-by-distance table."""
-    lines = ["# nanoRxT nano demo - report card", "", "| stage | steps | time (s) | final metrics |", "|---|---|---|---|"]
-    for stage in ["mlm", "joint", "sft", "mem", "smat", "mrl"]:
+    lines = ["# nanoRxT nano demo - report card", "", f"The model evaluated is the last stage's: {final} "
+             f"({OUT}/{final}/ckpt.pt).", "", "| stage | steps | time (s) | final metrics |", "|---|---|---|---|"]
+    for stage in ["mlm", "joint", "sft", "mem", "smat", final]:
         got = stage_metrics(f"{OUT}/{stage}/ckpt.pt")
         if got:
             step, m = got
@@ -66,7 +68,7 @@ def report(wall):
                   "", "```", format_table(results), "```"]
         plot(results["recall"])
         if os.path.isfile(f"{OUT}/baseline/eval.json"):
-            lines += ["", comparison(results, json.load(open(f"{OUT}/baseline/eval.json"))["results"])]
+            lines += ["", comparison(results, json.load(open(f"{OUT}/baseline/eval.json"))["results"], final)]
     text = "\n".join(lines) + "\n"
     with open(f"{OUT}/report.md.tmp", "w") as f:
         f.write(text)
@@ -74,7 +76,7 @@ def report(wall):
     return text
 
 
-def comparison(rxt, base):
+def comparison(rxt, base, final="mrl"):
     """RxT next to the stateless baseline on the same held-out episodes (the baseline re-reads the history)."""
     def seconds(stages):
         return sum((stage_metrics(f"{OUT}/{s}/ckpt.pt") or (0, {}))[1].get("seconds", 0) for s in stages)
@@ -89,8 +91,8 @@ def comparison(rxt, base):
     rows += [("in-context", f"{rxt['in_context']['recall']:.1%}", f"{base['in_context']['recall']:.1%}"),
              ("answer perplexity", f"{rxt['answer_tokens']['ppl']:.3f}", f"{base['answer_tokens']['ppl']:.3f}"),
              ("answer accuracy", f"{rxt['answer_tokens']['acc']:.1%}", f"{base['answer_tokens']['acc']:.1%}"),
-             ("parameters", f"{size(f'{OUT}/mrl/ckpt.pt'):,}", f"{size(f'{OUT}/baseline/ckpt.pt'):,}"),
-             ("training time (s)", f"{seconds(['mlm', 'joint', 'sft', 'mem', 'smat', 'mrl']):.0f}",
+             ("parameters", f"{size(f'{OUT}/{final}/ckpt.pt'):,}", f"{size(f'{OUT}/baseline/ckpt.pt'):,}"),
+             ("training time (s)", f"{seconds(['mlm', 'joint', 'sft', 'mem', 'smat', final]):.0f}",
               f"{seconds(['baseline_lm', 'baseline']):.0f}")]
     return "\n".join(["## RxT vs a stateless LLM on the same conversations", "", "| | RxT | stateless |",
                       "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
@@ -118,10 +120,10 @@ def plot(results):
 
 
 def main(argv):
-    unknown = [a for a in argv if a not in ("--no-chat", "--baseline") and not a.startswith(PASS_THROUGH)]
+    unknown = [a for a in argv if a not in ("--no-chat", "--baseline", "--dmpo") and not a.startswith(PASS_THROUGH)]
     if unknown:
-        raise cli.ConfigError(f"unknown option(s) {' '.join(unknown)}: demo.py takes --no-chat, --baseline and "
-                                   f"{', '.join(f + '...' for f in PASS_THROUGH)} (passed to every training stage)")
+        raise cli.ConfigError(f"unknown option(s) {' '.join(unknown)}: demo.py takes --no-chat, --baseline, --dmpo and "
+                              f"{', '.join(f + '...' for f in PASS_THROUGH)} (passed to every training stage)")
     extra = [a for a in argv if a.startswith(PASS_THROUGH)]
     for flag in extra:  # checked here, before the first stage, with the rules the stages use
         key, _, value = flag[2:].partition("=")
@@ -131,8 +133,8 @@ def main(argv):
             cli.configure(training.TRAIN_DEFAULTS, [flag])
             cli.check({key: value}, **{key: training.TRAIN_RULES.get(key, (lambda v: True, ""))})
     os.makedirs(OUT, exist_ok=True)
-    wall, t_start = {}, time.time()
-    for name, cmd in stages(extra, "--baseline" in argv):
+    wall, t_start, final = {}, time.time(), "dmpo" if "--dmpo" in argv else "mrl"
+    for name, cmd in stages(extra, "--baseline" in argv, final):
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd).returncode != 0:
@@ -140,11 +142,11 @@ def main(argv):
             return 1
         wall[name] = time.time() - t0
     total = time.time() - t_start
-    print("\n" + report(wall))
+    print("\n" + report(wall, final))
     print(f"demo finished in {total / 60:.1f} min; report card: {OUT}/report.md")
     if "--no-chat" not in argv:
         print("\nNow chat with it (try: 'Mia has a red ball.' then a few other turns, then 'What colour is Mia's ball?')")
-        return subprocess.run([sys.executable, "chat.py", f"--ckpt={OUT}/mrl/ckpt.pt"]).returncode
+        return subprocess.run([sys.executable, "chat.py", f"--ckpt={OUT}/{final}/ckpt.pt"]).returncode
     return 0
 
 

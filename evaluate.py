@@ -73,7 +73,8 @@ def write(model, tok, memory, records):
     ids, attn_mask, _ = collate_interactions(tok, records, model.cfg.seq_len)
     device = model.embed.weight.device
     ids, attn_mask = ids.to(device), attn_mask.to(device)
-    return model.update_memory(memory, ids, attn_mask, length_chunks(attn_mask))  # padding not computed
+    # on a CPU the padding is not computed; a GPU keeps the padded batch (no host sync, the same shapes)
+    return model.update_memory(memory, ids, attn_mask, length_chunks(attn_mask) if device.type == "cpu" else None)
 
 
 @torch.no_grad()
@@ -206,7 +207,7 @@ def format_table(results):
 
 def main(argv):
     cfg = cli.configure(DEFAULTS, argv)
-    cli.check(cfg, distances=cli.DISTANCES, **{k: cli.at_least(1) for k in (
+    cli.check(cfg, distances=cli.DISTANCES, seed=cli.at_least(0), **{k: cli.at_least(1) for k in (
         "n_per_distance", "batch_size", "max_answer", "max_turn_answer")})
     cli.check_device(cfg["device"])
     cli.require_files(cfg["data_dir"], [cfg["episodes_file"]])
@@ -217,7 +218,7 @@ def main(argv):
         raise cli.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
     if cfg["max_turn_answer"] + 8 > model.cfg.seq_len or cfg["max_answer"] + 8 > model.cfg.seq_len:
         raise cli.ConfigError(f"max_answer and max_turn_answer leave no room for a query in the model's "
-                                   f"{model.cfg.seq_len}-token interactions")
+                              f"{model.cfg.seq_len}-token interactions")
     ic_path = os.path.join(cfg["data_dir"], cfg["incontext_file"])
     incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
     results = evaluate_memory(model, tok, episodes, incontext, cfg)

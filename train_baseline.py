@@ -42,7 +42,7 @@ def main(argv):
     model = training.init_model(cfg, tok, device, kind=StatelessDecoder)
     if cfg["seq_len"] > model.cfg.seq_len:
         raise cli.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
-                                   f"(set model_args={{'seq_len': ...}} when it is created)")
+                              f"(set model_args={{'seq_len': ...}} when it is created)")
 
     if cfg["dialogue"]:
         n_val = max(1, len(episodes) // 50)

@@ -10,27 +10,30 @@ to the next. The phases run in order (`phases`), each from the previous one's ch
            for memory: no GAE, a memory regulariser, a policy-stability KL). The model answers each turn itself,
            writes its own answers into memory, and is rewarded by BLEU against the reference plus exact match on the
            probe; a critic (an encoder copy + value head) gives the baseline V(s).
+  dmpo  5'. Direct Memory and Preference Optimization, the stage that replaced MRL in RxLM: DPO through the memory
+           chain. The memory is written from the accepted (reference) turns only; at the probe the model scores the
+           accepted answer against a rejected one (the other person's value, the value before a change, another
+           value, or its own wrong answer) relative to a frozen reference model, the phase's starting point.
 
-    python train_mrl.py config/nano_mrl.py [--phases=smat,mrl ...]
+    python train_mrl.py config/nano_mrl.py [--phases=smat,mrl ...]      # or --phases=smat,dmpo
+
+The objectives of mem and smat are below; those of mrl and dmpo, which play or score whole episodes, are in rl.py.
 """
 
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 import cli
-import engine
 import training
-from data.loaders import (collate_interactions, collate_queries, episode_pools, episode_tensors, episode_turns,
-                          join_answers, length_chunks, pad_rows)
-from data.memory_world import read_jsonl
+from data.loaders import REJECTED_KINDS, episode_pools, episode_tensors, length_chunks, rejected_answer
+from data.memory_world import SLOTS, read_jsonl
 from data.tokenizer import Tokenizer
-from model import Critic, token_accuracy, token_logprobs
-from scores import bleu, exact_match
+from model import Critic, token_accuracy
+from rl import dmpo_loss, impo_loss, rollout
 
-PHASES = ("mem", "smat", "mrl")  # every key that only one phase reads starts with that phase's name
+PHASES = ("mem", "smat", "mrl", "dmpo")  # every key that only one phase reads starts with that phase's name
 DEFAULTS = dict(
     # each phase has its own iterations and learning rate (cosine to a tenth of it): no generic max_iters, lr, min_lr
     {k: v for k, v in training.TRAIN_DEFAULTS.items() if k not in ("max_iters", "lr", "min_lr")},
@@ -52,6 +55,9 @@ DEFAULTS = dict(
     mrl_ppo_epochs=2, mrl_clip_eps=0.2, mrl_entropy_coef=0.01, mrl_value_coef=0.5, mrl_memory_reg=1e-4,
     mrl_kl_coef=0.05, mrl_bleu_weight=1.0, mrl_recall_weight=1.0, mrl_cosine_weight=0.0,
     mrl_reset_prob=0.2, mrl_reset_std=0.5,  # random STM resets: a rollout starts from noise of this std
+    dmpo_curriculum=[[1, 2, 4]], dmpo_iters=200, dmpo_lr=1e-4, dmpo_beta=0.1, dmpo_detach_stm=False,
+    dmpo_pairs={"binding": 1.0, "overwrite": 1.0, "other": 1.0, "own": 0.0},  # the rejected answers' mix
+    dmpo_anchor=0.0, dmpo_neutral="I do not know.",  # anchored variant (APO): weight of |log pi/ref| of a neutral
 )
 
 
@@ -60,6 +66,8 @@ RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", 
     **{k: cli.between(0, 1) for k in ("smat_unfreeze_memory_at", "smat_unfreeze_encoder_at", "mrl_reset_prob")},
     **{k: cli.at_least(0) for k in ("mem_noise", "smat_aux_weight", "mrl_top_k", "mrl_entropy_coef",
        "mrl_value_coef", "mrl_memory_reg", "mrl_kl_coef", "mrl_bleu_weight", "mrl_recall_weight", "mrl_cosine_weight")},
+    dmpo_beta=cli.POSITIVE, dmpo_anchor=cli.at_least(0), dmpo_pairs=((lambda v: isinstance(v, dict) and set(v) <= set(
+        REJECTED_KINDS) and all(w >= 0 for w in v.values()) and sum(v.values()) > 0), f"weights of {REJECTED_KINDS}"),
     length_buckets=cli.at_least(1), mrl_max_answer=cli.at_least(1), mrl_ppo_epochs=cli.at_least(1), mrl_top_p=cli.between(0.01, 1),
     mrl_temperature=cli.POSITIVE, mrl_clip_eps=cli.POSITIVE, mrl_reset_std=cli.POSITIVE)
 
@@ -136,96 +144,6 @@ def set_trainable(model, step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Stage 5: Memory Reinforcement Learning (IMPO)
-
-
-def rewards(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
-    """BLEU vs the reference answer, + exact match on the probe (the memory test), + optional embedding cosine.
-    ans (B, N) with lengths counting [EOS]; ref_ids (B, R) with [EOS], pads -1 (they never match)."""
-    ref_len = ref_mask.sum(dim=1)
-    r = cfg["mrl_bleu_weight"] * bleu(ans, ans_len, ref_ids, ref_len)
-    if is_probe:
-        r = r + cfg["mrl_recall_weight"] * exact_match(ans, ans_len, ref_ids, ref_mask).float()
-    if cfg["mrl_cosine_weight"]:
-        am = torch.arange(ans.size(1), device=ans.device)[None] < ans_len[:, None]
-        mean_a = (model.embed(ans) * am[..., None]).sum(1) / am.sum(1, keepdim=True).clamp(min=1)
-        ref_tokens = ref_ids.masked_fill(~ref_mask, tok.pad_id)  # the -1 pads are not embeddable
-        mean_r = (model.embed(ref_tokens) * ref_mask[..., None]).sum(1) / ref_mask.sum(1, keepdim=True).clamp(min=1)
-        r = r + cfg["mrl_cosine_weight"] * F.cosine_similarity(mean_a, mean_r, dim=-1)
-    return r
-
-
-@torch.no_grad()
-def rollout(model, episodes, tok, cfg, g, reward_fn=rewards):
-    """Play a batch of episodes with the current policy. The first turn (the facts) is written as given; every later
-    turn the model answers itself (sampled), is rewarded, and its own interaction is written into memory."""
-    device = model.embed.weight.device
-    turns = [episode_turns(ep) for ep in episodes]
-    reset = torch.rand(1, generator=g, device=device).item() < cfg["mrl_reset_prob"]  # a random STM reset
-    stm = model.new_memory(len(episodes), generator=g, std=cfg["mrl_reset_std"] if reset else None)
-    ids, attn_mask, _ = collate_interactions(tok, [tr[0] for tr in turns], cfg["seq_len"])
-    ids, attn_mask = ids.to(device), attn_mask.to(device)
-    play = dict(stm0=stm, first=(ids, attn_mask, length_chunks(attn_mask) if cfg["chunks"] else None), steps=[])
-    stm = model.update_memory(stm, *play["first"])
-    for t in range(1, len(turns[0])):
-        q_ids, q_mask = [x.to(device) for x in collate_queries(tok, [tr[t]["query"] for tr in turns], cfg["seq_len"],
-                                                                cfg["mrl_max_answer"])]
-        ans, ans_len = engine.generate(model, q_ids, q_mask, stm, max_new_tokens=cfg["mrl_max_answer"],
-                                      temperature=cfg["mrl_temperature"], top_k=cfg["mrl_top_k"] or None,
-                                      top_p=cfg["mrl_top_p"], eos_id=tok.eos_id, generator=g)
-        ref_ids, ref_mask = pad_rows([tok.encode(tr[t]["answer"]) + [tok.eos_id] for tr in turns], tok.pad_id)
-        ref_ids, ref_mask = ref_ids.masked_fill(~ref_mask, -1).to(device), ref_mask.to(device)
-        reward = reward_fn(model, ans, ans_len, ref_ids, ref_mask, t == len(turns[0]) - 1, cfg, tok)
-        ids, attn_mask, ans_mask = join_answers(q_ids, q_mask, ans, ans_len, tok)
-        chunks = length_chunks(attn_mask) if cfg["chunks"] else None
-        old_logp = token_logprobs(model.decode(ids, stm, attn_mask=attn_mask, chunks=chunks)[0], ids)[0]
-        play["steps"].append(dict(q_ids=q_ids, q_mask=q_mask, ids=ids, mask=attn_mask, ans_mask=ans_mask,
-                                  reward=reward, old_logp=old_logp, chunks=chunks))
-        stm = model.update_memory(stm, ids, attn_mask, chunks)
-    return play
-
-
-def clipped_surrogate(logp, old_logp, adv, eps):
-    """PPO's objective per token, min(r A, clip(r, 1 - eps, 1 + eps) A) with r = pi / pi_old: no gain from moving
-    the policy further than eps from the one that sampled. Returns it and r."""
-    ratio = torch.exp(logp - old_logp)
-    return torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv), ratio
-
-
-def impo_loss(model, critic, play, cfg):
-    """Clipped surrogate + value loss - entropy bonus + memory regularisation + policy-stability KL over the turns of
-    a rollout. The memory chain is replayed with gradients: the decoder answers turn t from STM_{t-1} as the last
-    write produced it, so the policy loss trains the encoder and the memory attention too."""
-    stm = model.update_memory(play["stm0"], *play["first"])
-    total, metrics = 0.0, {"reward": 0.0, "probe_reward": 0.0, "ratio": 0.0, "kl": 0.0}
-    n = len(play["steps"])
-    for t, s in enumerate(play["steps"], start=1):
-        m = s["ans_mask"][:, :-1]
-        tokens = m.sum().clamp(min=1)
-        logp, entropy = token_logprobs(model.decode(s["ids"], stm, attn_mask=s["mask"], chunks=s["chunks"])[0],
-                                       s["ids"])
-        value = critic(s["q_ids"], s["q_mask"], stm.detach())
-        adv = s["reward"] - value.detach()
-        adv = (adv - adv.mean()) / (adv.std() + 1e-6) if adv.numel() > 1 else adv
-        surrogate, ratio = clipped_surrogate(logp, s["old_logp"], adv[:, None], cfg["mrl_clip_eps"])
-        # IMPO's policy stabilisation: KL(pi_old || pi) between the policy that sampled this rollout (the previous
-        # update step's) and the current one, estimated on the sampled tokens as (r - 1) - log r with r = pi / pi_old
-        # (>= 0, and 0 exactly when the policy did not move)
-        kl = ((ratio - 1 - (logp - s["old_logp"])) * m).sum() / tokens
-        stm_prev = stm.detach() if cfg["mrl_detach_stm"] else stm
-        new_stm = model.update_memory(stm_prev, s["ids"], s["mask"], s["chunks"])
-        mem_reg = cfg["mrl_memory_reg"] * math.sqrt(t + 1) * F.mse_loss(new_stm, stm_prev)
-        total = (total - (surrogate * m).sum() / tokens - cfg["mrl_entropy_coef"] * (entropy * m).sum() / tokens
-                 + cfg["mrl_value_coef"] * F.mse_loss(value, s["reward"]) + mem_reg + cfg["mrl_kl_coef"] * kl)
-        stm = new_stm
-        for key, v in (("reward", s["reward"].mean()), ("ratio", (ratio * m).sum() / tokens), ("kl", kl)):
-            metrics[key] += v.item() / n
-    metrics.update(probe_reward=play["steps"][-1]["reward"].mean().item(),
-                   tokens=sum(s["mask"].sum().item() for s in play["steps"]))
-    return total / n, metrics
-
-
-# -----------------------------------------------------------------------------
 # The phases: each a plain function that trains one phase, top to bottom
 
 
@@ -268,7 +186,25 @@ def train_mrl(cfg, model, tok, pools, device, ctx, rank, world):
                           extra_modules={"critic": critic}, batch_reuse=cfg["mrl_ppo_epochs"])
 
 
-TRAIN = {"mem": train_mem, "smat": train_smat, "mrl": train_mrl}
+def train_dmpo(cfg, model, tok, pools, device, ctx, rank, world):
+    if not cfg["init_from"]:
+        raise cli.ConfigError("the dmpo phase needs init_from (or an earlier phase): its start is the reference")
+    reference = training.init_model(cfg, tok, device).eval().requires_grad_(False)  # the phase's start, frozen
+
+    def get_batch(split, step, g):  # episodes, each probe's rejected answer (and another value, for "own")
+        episodes = episode_batch(cfg, pools, split, step, cfg["dmpo_curriculum"], g)
+        values = [SLOTS[ep["slot"]]["values"] for ep in episodes]
+        return {"episodes": episodes, "turns": episode_tensors(tok, episodes, cfg["seq_len"], device),
+                "rejected": [rejected_answer(ep, cfg["dmpo_pairs"], v, g) for ep, v in zip(episodes, values)],
+                "fallback": [rejected_answer(ep, {"other": 1}, v, g)[1] for ep, v in zip(episodes, values)]}
+
+    params = [p for n, p in model.named_parameters() if not n.startswith("mlm_head.")]
+    return training.train(cfg, model, stage="dmpo", get_batch=get_batch, params=params, device=device, ctx=ctx,
+                          loss_fn=lambda model, batch, step, g: dmpo_loss(model, reference, batch, cfg, tok, g),
+                          rank=rank, world=world, tokenizer=tok)
+
+
+TRAIN = {"mem": train_mem, "smat": train_smat, "mrl": train_mrl, "dmpo": train_dmpo}
 
 
 def main(argv):
@@ -276,7 +212,7 @@ def main(argv):
     phases = [p for p in cfg["phases"].split(",") if p]
     if not phases or any(p not in PHASES for p in phases):
         raise cli.ConfigError(f"phases must be a comma-separated list of {', '.join(PHASES)}, got "
-                                   f"{cfg['phases']!r}")
+                              f"{cfg['phases']!r}")
     flagged = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}  # config files may set every phase
     unused = sorted(k for k in flagged if k.split("_")[0] in PHASES and k.split("_")[0] not in phases)
     if unused:
@@ -290,7 +226,7 @@ def main(argv):
         missing = sorted({d for entry in cfg[f"{phase}_curriculum"] for d in entry} - set(pools["train"]))
         if missing or not all(set(entry) & set(pools["val"]) for entry in cfg[f"{phase}_curriculum"]):
             raise cli.ConfigError(f"{phase}_curriculum asks for distances {missing or 'absent from validation'}; "
-                                       f"{cfg['episodes_file']} has {sorted(pools['train'])}")
+                                  f"{cfg['episodes_file']} has {sorted(pools['train'])}")
     init_from, results = cfg["init_from"], {}
     for phase in phases:
         n = cfg[f"{phase}_iters"]

@@ -20,7 +20,7 @@ from model import ModelConfig, ReactiveTransformer, StatelessDecoder, get_config
 TRAIN_RULES = dict(batch_size=cli.at_least(1), max_iters=cli.at_least(1), lr=cli.POSITIVE, min_lr=cli.at_least(0),
                    warmup_iters=cli.at_least(0), weight_decay=cli.at_least(0), grad_clip=cli.POSITIVE,
                    eval_interval=cli.at_least(1), eval_iters=cli.at_least(1), log_interval=cli.at_least(1),
-                   seq_len=cli.at_least(8),
+                   seq_len=cli.at_least(8), seed=cli.at_least(0),
                    dtype=((lambda v: v in ("auto", "float32", "bfloat16")), "auto, float32 or bfloat16"),
                    model_args=((lambda v: isinstance(v, dict)), "a dict of ModelConfig fields"))
 

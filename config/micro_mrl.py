@@ -9,3 +9,4 @@ mem_iters = 500
 smat_iters = 3000
 mrl_iters = 1000
 eval_interval = 500
+chunks = False  # the GPU recipe keeps padded batches: fixed shapes for compile, no host sync per batch

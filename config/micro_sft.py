@@ -13,3 +13,4 @@ min_lr = 5e-5
 warmup_iters = 100
 eval_interval = 500
 compile = True
+chunks = False  # the GPU recipe keeps padded batches: fixed shapes for compile, no host sync per batch

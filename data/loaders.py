@@ -99,10 +99,9 @@ def length_chunks(attn_mask, overhead=128):
     return [(torch.tensor(order[i:j], device=device), sorted_len[j - 1]) for i, j in reversed(groups)]
 
 
-def computed_share(attn_mask, chunks):
-    """Real token positions / computed positions of a batch run in these chunks (None: padded)."""
-    computed = attn_mask.numel() if chunks is None else sum(len(rows) * n for rows, n in chunks)
-    return attn_mask.sum().item() / computed
+def computed_positions(attn_mask, chunks):
+    """How many token positions a batch computes when its rows run in these chunks (None: the padded batch)."""
+    return attn_mask.numel() if chunks is None else sum(len(rows) * n for rows, n in chunks)
 
 
 def collate_interactions(tok, records, max_len):
@@ -183,6 +182,26 @@ def episode_tensors(tok, episodes, max_len, device, pad_to=None):
             targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE)
         out.append((ids.to(device), attn_mask.to(device), targets.to(device)))
     return out
+
+
+REJECTED_KINDS = ("binding", "overwrite", "other", "own")
+
+
+def rejected_answer(episode, mix, values, g):
+    """A wrong answer to the episode's probe for a preference pair, of a kind drawn with the weights of `mix`
+    among those the episode has: the other person's value of the same slot (binding), the value before the change
+    (overwrite), another value of the slot (other, always there; `values` are the slot's values), or "own": the
+    model's own wrong answer, which only the model can give (returned as None for the caller to fill in).
+    Returns (kind, text or None)."""
+    rivals = episode.get("rivals") or {}
+    kinds = [k for k in REJECTED_KINDS if mix.get(k, 0) > 0 and (k in ("other", "own") or k in rivals)]
+    kinds = kinds or ["other"]
+    weights = torch.tensor([float(mix.get(k, 1.0)) for k in kinds])
+    kind = kinds[torch.multinomial(weights, 1, generator=g).item()]
+    if kind == "other":
+        others = [v for v in values if v != episode["gold"]]
+        return kind, others[torch.randint(len(others), (1,), generator=g).item()]
+    return kind, rivals.get(kind)
 
 
 def episode_pools(episodes, n_val, by_length=False):

@@ -254,6 +254,7 @@ def make_episode(rng, d, kind, split, **style):
     """One episode, or None when the random draw does not fit the split (the caller draws again)."""
     p = rng.choice(NAMES)
     others = [q for q in NAMES if q != p]
+    rivals = {}  # the wrong answers that matter, for preference pairs (DMPO): whose value, and which value
     if kind == "cumulative":
         # every turn before the probe adds one fact about p; the probe asks for one of them
         facts = [(p, slot, x, random_value(rng, p, slot)) for slot, x in rng.sample(KEYS, min(d, len(KEYS)))]
@@ -277,6 +278,8 @@ def make_episode(rng, d, kind, split, **style):
             (q, slot, x, random_value(rng, q, slot, people=others))
         first.insert(rng.randint(0, 1), fact_text(*second))
         binding = second[0] != p and second[3] != value  # two people, one slot, two values: whose was it?
+        if binding:
+            rivals["binding"] = second[3]  # the other person's value
         gold, seen = value, [value]
         changes = []
         if kind == "overwrite":
@@ -292,21 +295,26 @@ def make_episode(rng, d, kind, split, **style):
                 first.append(sentence)
             else:
                 turns[t] = tell_turn(rng, [sentence], **style)
+        if changes:
+            rivals["overwrite"] = seen[-2]  # the value before the last change
+        rivals = {k: v for k, v in rivals.items() if v != gold}  # a change can give p the other person's value
         turns[0] = tell_turn(rng, first, **style)
         turns = [t or distractor_turn(rng, others, **style) for t in turns]
     if is_test(p, slot, gold) != (split == "test"):
         return None
     return {"query": turns[0]["query"], "answer": turns[0]["answer"],
             "interactions": turns[1:] + [{"query": probe_text(p, slot, x), "answer": gold}],
-            "gold": gold, "distance": d, "kind": kind, "name": p, "slot": slot, "thing": x, "binding": binding}
+            "gold": gold, "distance": d, "kind": kind, "name": p, "slot": slot, "thing": x, "binding": binding,
+            "rivals": rivals}
 
 
 def make_episodes(n, seed, distances=(1, 2, 4, 8, 16), kinds=("long-range", "cumulative", "overwrite"),
                   split="train", **style):
     """
-    n memory episodes {query, answer, interactions, gold, distance, kind, name, slot, thing}. (query, answer) is
-    the first turn (it tells the facts); interactions holds distance turns, the last being the probe, whose answer
-    is the gold word. Kinds and distances cycle evenly. split="test" only asks for held-out (name, slot, value)
+    n memory episodes {query, answer, interactions, gold, distance, kind, name, slot, thing, binding, rivals}.
+    (query, answer) is the first turn (it tells the facts); interactions holds distance turns, the last being the
+    probe, whose answer is the gold word. rivals: the wrong answers that matter, {"binding": the other person's
+    value, "overwrite": the value before the change}, where the episode has them. Kinds and distances cycle evenly. split="test" only asks for held-out (name, slot, value)
     combinations (is_test), split="train" never does.
     long-range: turn 1 tells the fact (and one more), distance - 1 turns about other people follow.
     cumulative: each of the distance turns before the probe tells one more fact about the person; the probe asks
@@ -411,8 +419,8 @@ def main(argv):
     args = parser.parse_args(argv)
     # every distance (5) and kind (3) at least twice, so that the validation split has each
     cli.check(vars(args), n_stories=cli.at_least(100), n_interactions=cli.at_least(50),
-                   n_episodes=cli.at_least(300), n_test_episodes=cli.at_least(30),
-                   vocab_size=cli.at_least(264), binding=cli.between(0, 1))
+              n_episodes=cli.at_least(300), n_test_episodes=cli.at_least(30),
+              vocab_size=cli.at_least(264), binding=cli.between(0, 1))
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise cli.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     t0 = time.time()

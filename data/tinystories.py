@@ -160,7 +160,7 @@ def main(argv):
     parser.add_argument("--tokenizer_sample_bytes", type=int, default=20_000_000)
     args = parser.parse_args(argv)
     cli.check(vars(args), vocab_size=cli.at_least(264), tokenizer_sample_bytes=cli.at_least(1000),
-                   max_stories=((lambda v: v is None or v >= 1), "a positive number of stories"))
+              max_stories=((lambda v: v is None or v >= 1), "a positive number of stories"))
     for path in (args.train_path, args.valid_path):
         if path is not None and not os.path.isfile(path):
             raise cli.UserError(f"{path} not found (give a TinyStories .txt file, or leave it out to download)")

@@ -230,7 +230,7 @@ def main(argv):
     parser.add_argument("--max_bytes", type=int, default=None, help="train on at most this many characters")
     args = parser.parse_args(argv)
     cli.check(vars(args), vocab_size=cli.at_least(256 + len(SPECIAL_TOKENS)),
-                   max_bytes=((lambda v: v is None or v >= 1), "a positive number of characters"))
+              max_bytes=((lambda v: v is None or v >= 1), "a positive number of characters"))
     for path in args.input:
         if not os.path.isfile(path):
             raise cli.UserError(f"input {path} not found")

@@ -44,3 +44,14 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert mem["stm_bytes"] > 0 and all(v > 0 for v in mem["peak_memory_bytes"].values())
     kv = [t["baseline_kv_bytes"] for t in mem["by_turn"].values()]
     assert kv == sorted(kv) and kv[-1] > 0
+
+
+def test_bench_smat_compares_padded_and_chunked_steps_on_the_world(tmp_path, world):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--sections=smat", f"--data_dir={world}",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    smat = json.loads(out.read_text())["smat"]
+    assert smat["padded_episodes_per_s"] > 0 and smat["chunks_episodes_per_s"] > 0
+    for phase in smat["real_share"].values():  # chunks compute less padding, never more
+        assert 0 < phase["padded"] <= phase["chunks"] <= 1

@@ -4,7 +4,7 @@ outputs and gradients - only the padding is no longer computed."""
 import torch
 
 import train_mrl
-from data.loaders import computed_share, length_chunks, pad_rows
+from data.loaders import computed_positions, length_chunks, pad_rows
 from model import ReactiveTransformer, get_config
 from tests.conftest import TINY
 
@@ -44,7 +44,7 @@ def test_length_chunks_group_rows_by_length_and_cover_each_row_once():
     assert rows.tolist() == list(range(len(LENGTHS)))
     for r, n in chunks:
         assert n == max(LENGTHS[i] for i in r.tolist())
-    assert computed_share(attn_mask, chunks) > computed_share(attn_mask, None) + 0.2
+    assert computed_positions(attn_mask, chunks) < 0.7 * computed_positions(attn_mask, None)
     assert length_chunks(attn_mask, overhead=10_000) is None  # one group is cheapest: the padded batch
     assert length_chunks(pad_rows([[1] * 6] * 4, 0)[1]) is None  # equal rows: nothing to skip
 

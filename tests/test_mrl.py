@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import scores
+import rl
 import train_mrl
 import training
 from conftest import TINY
@@ -183,9 +184,9 @@ def test_impo_step_moves_the_policy_towards_rewarded_answers(world, seed):
     g = torch.Generator().manual_seed(seed)
     rewarded = 0.0
     for _ in range(8):
-        play = train_mrl.rollout(model, episodes, tok, cfg, g, reward_fn=contains_x)
+        play = rl.rollout(model, episodes, tok, cfg, g, reward_fn=contains_x)
         rewarded += play["steps"][-1]["reward"].mean().item() / 8
-        loss, metrics = train_mrl.impo_loss(model, critic, play, cfg)
+        loss, metrics = rl.impo_loss(model, critic, play, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,7 +197,7 @@ def test_impo_step_moves_the_policy_towards_rewarded_answers(world, seed):
 def test_clipping_stops_the_gain_from_moving_the_policy_further_than_eps():
     logp = torch.log(torch.tensor([2.0, 1.1, 0.5, 0.5])).requires_grad_()
     adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
-    surrogate, ratio = train_mrl.clipped_surrogate(logp, torch.zeros(4), adv, eps=0.2)
+    surrogate, ratio = rl.clipped_surrogate(logp, torch.zeros(4), adv, eps=0.2)
     torch.testing.assert_close(surrogate, torch.tensor([1.2, 1.1, -0.8, 0.5]))  # r=2 clipped, r=0.5 with A<0 clipped
     surrogate.sum().backward()
     assert logp.grad[0] == 0 and logp.grad[2] == 0 and logp.grad[1] > 0 and logp.grad[3] > 0
@@ -206,7 +207,7 @@ def impo_setup(world, **overrides):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
     model = tiny_model(tok)
     cfg = cfg_for(mrl_max_answer=4, mrl_reset_prob=0.0, **overrides)
-    play = train_mrl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
+    play = rl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
     return model, train_mrl.Critic(model), play, cfg
 
 
@@ -222,11 +223,11 @@ def test_the_advantage_is_the_reward_minus_the_critics_value(world):
     for s in play["steps"]:
         s["reward"] = torch.rand(s["reward"].shape)  # rewards that vary, so that there is something to normalise
     values = iter([s["reward"] for s in play["steps"]])
-    loss, _ = train_mrl.impo_loss(model, lambda *_: next(values), play, cfg)
+    loss, _ = rl.impo_loss(model, lambda *_: next(values), play, cfg)
     loss.backward()
     assert grad_norm(model.decoder) < 1e-6
     model.zero_grad()
-    loss, _ = train_mrl.impo_loss(model, lambda q, m, stm: torch.zeros(q.size(0)), play, cfg)
+    loss, _ = rl.impo_loss(model, lambda q, m, stm: torch.zeros(q.size(0)), play, cfg)
     loss.backward()
     assert grad_norm(model.decoder) > 1e-3
 
@@ -236,11 +237,11 @@ def test_the_memory_regulariser_alone_trains_the_write_to_change_less(world):
     for s in play["steps"]:
         s["reward"] = torch.zeros_like(s["reward"])
     critic = lambda q, m, stm: torch.zeros(q.size(0))  # predicts every reward: no advantage, no policy gradient
-    loss, _ = train_mrl.impo_loss(model, critic, play, cfg)
+    loss, _ = rl.impo_loss(model, critic, play, cfg)
     loss.backward()
     assert grad_norm(model.memory_attention) > 0
     model.zero_grad()
-    loss, _ = train_mrl.impo_loss(model, critic, play, dict(cfg, mrl_memory_reg=0.0))
+    loss, _ = rl.impo_loss(model, critic, play, dict(cfg, mrl_memory_reg=0.0))
     loss.backward()
     assert grad_norm(model.memory_attention) == 0
 
@@ -277,9 +278,12 @@ def test_train_mrl_runs_every_phase_and_chains_checkpoints(world, tmp_path):
                                         mem_iters=3, smat_iters=3, mrl_iters=2, eval_interval=100,
                                         mrl_curriculum=[[2]], mrl_max_answer=4))
     assert set(results) == {"mem", "smat", "mrl"}
-    for phase in results:
+    previous = str(start)
+    for phase in results:  # each phase starts from the one before it
         ckpt = training.load_checkpoint(str(tmp_path / phase / "ckpt.pt"))
         assert ckpt["stage"] == phase and ckpt["step"] == ckpt["config"]["max_iters"]
+        assert ckpt["config"]["init_from"] == previous
+        previous = str(tmp_path / phase / "ckpt.pt")
     assert "critic" in training.load_checkpoint(str(tmp_path / "mrl/ckpt.pt"))["extra"]
     assert all(math.isfinite(v) for r in results.values() for v in r.values())
 

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+import rl
 import train_mrl
 from conftest import TINY
 from data.loaders import episode_tensors
@@ -31,7 +32,7 @@ def test_exact_probe_answer_gets_the_maximum_reward_and_a_wrong_one_less(world):
     right, wrong = tok.encode("red") + [tok.eos_id], tok.encode("blue") + [tok.eos_id]
     ans = padded([right, wrong], tok.pad_id)
     ans_len = torch.tensor([len(right), len(wrong)])
-    r = train_mrl.rewards(model, ans, ans_len, ref_ids.masked_fill(~ref_mask, -1), ref_mask, True, cfg, tok)
+    r = rl.rewards(model, ans, ans_len, ref_ids.masked_fill(~ref_mask, -1), ref_mask, True, cfg, tok)
     assert r[0].item() == cfg["mrl_bleu_weight"] + cfg["mrl_recall_weight"]  # BLEU 1 + exact match 1
     assert r[1].item() < r[0].item() - cfg["mrl_recall_weight"] + 1e-6
 
@@ -43,7 +44,7 @@ def test_cosine_reward_handles_references_of_different_lengths(world):
     ref_ids = padded(rows, tok.pad_id)
     ref_mask = ref_ids != tok.pad_id
     ans, ans_len = ref_ids.clone(), ref_mask.sum(1)
-    r = train_mrl.rewards(model, ans, ans_len, ref_ids.masked_fill(~ref_mask, -1), ref_mask, False, cfg, tok)
+    r = rl.rewards(model, ans, ans_len, ref_ids.masked_fill(~ref_mask, -1), ref_mask, False, cfg, tok)
     torch.testing.assert_close(r, torch.ones(2), atol=1e-5, rtol=0)
 
 
@@ -54,8 +55,8 @@ def test_the_policy_loss_sends_gradient_to_memory_attention_and_encoder(world):
     tok, model = setup(world)
     cfg = dict(train_mrl.DEFAULTS, seq_len=64, mrl_max_answer=4, mrl_reset_prob=0.0, mrl_memory_reg=0.0)
     critic = train_mrl.Critic(model)
-    play = train_mrl.rollout(model, colour_episodes(8, seed=0) * 1, tok, cfg, torch.Generator().manual_seed(0))
-    loss, _ = train_mrl.impo_loss(model, critic, play, cfg)
+    play = rl.rollout(model, colour_episodes(8, seed=0) * 1, tok, cfg, torch.Generator().manual_seed(0))
+    loss, _ = rl.impo_loss(model, critic, play, cfg)
     loss.backward()
     norm = lambda m: torch.sqrt(sum((p.grad ** 2).sum() for p in m.parameters() if p.grad is not None)).item()
     assert norm(model.memory_attention) > 0 and norm(model.encoder) > 0 and norm(model.decoder) > 0
@@ -82,12 +83,12 @@ def test_policy_stability_kl_is_zero_for_an_unchanged_policy_and_positive_after_
     tok, model = setup(world)
     cfg = dict(train_mrl.DEFAULTS, seq_len=64, mrl_max_answer=4, mrl_reset_prob=0.0)
     critic = train_mrl.Critic(model)
-    play = train_mrl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
-    _, first = train_mrl.impo_loss(model, critic, play, cfg)  # the rollout's policy: nothing changed yet
+    play = rl.rollout(model, colour_episodes(8, seed=0), tok, cfg, torch.Generator().manual_seed(0))
+    _, first = rl.impo_loss(model, critic, play, cfg)  # the rollout's policy: nothing changed yet
     assert first["kl"] == 0.0 and abs(first["ratio"] - 1) < 1e-6
     with torch.no_grad():
         model.decoder.lm_head.weight.add_(0.05 * torch.randn_like(model.decoder.lm_head.weight))
-    _, second = train_mrl.impo_loss(model, critic, play, cfg)
+    _, second = rl.impo_loss(model, critic, play, cfg)
     assert second["kl"] > 1e-4, second["kl"]
     assert abs(second["ratio"] - 1) > 1e-4, second["ratio"]  # the surrogate's ratio is against the rollout's policy
 
@@ -98,5 +99,5 @@ def test_an_answer_cut_before_its_eos_is_not_an_exact_match(world):
     ref_ids = padded([tok.encode("red") + [tok.eos_id]], tok.pad_id)
     ref_mask = ref_ids != tok.pad_id
     cut = tok.encode("red")  # max_answer reached before [EOS]
-    r = train_mrl.rewards(model, padded([cut], tok.pad_id), torch.tensor([len(cut)]), ref_ids, ref_mask, True, cfg, tok)
+    r = rl.rewards(model, padded([cut], tok.pad_id), torch.tensor([len(cut)]), ref_ids, ref_mask, True, cfg, tok)
     assert r.item() < cfg["mrl_recall_weight"]  # BLEU only, no exact match

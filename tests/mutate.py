@@ -1,0 +1,395 @@
+"""
+Mutation testing: does the suite notice a realistic bug? Each mutation below breaks one line of the project the way a
+person might (a flipped sign, an off-by-one, a dropped mask, a wrong normaliser, an inverted condition, ...); the
+script applies it to a temporary copy of the repository, runs the tests that should notice it, and reports whether
+they went red. A missed mutation is a test to write (or a line nothing depends on). README's Tests section documents it.
+
+    python tests/mutate.py                  # every mutation, one at a time (long: each runs its tests on CPU)
+    python tests/mutate.py --only engine    # the mutations whose file or description contains "engine"
+    python tests/mutate.py --list           # what would run, and with which tests
+    python tests/mutate.py --check          # every `old` occurs exactly once (seconds, no tests run; exit 1 if not)
+    python tests/mutate.py --jobs 2         # two mutations at a time
+
+Not a test itself (pytest collects test_*.py only), and always exits 0 after a run: it is a report.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The natural tests of each part: as narrow as still meaningful, so that a mutation takes seconds to a minute
+MODEL = ["tests/test_model.py", "tests/test_formulas_and_options.py"]
+CHUNKS, LOADERS = ["tests/test_chunks.py"], ["tests/test_data_loaders.py"]
+GENERATION = MODEL + ["tests/test_precision.py::"
+                      "test_generation_under_bf16_autocast_takes_the_fast_path_in_the_weights_dtype"]
+PLUMBING = ["tests/test_training_plumbing.py"]
+STAGES = "tests/test_train_stages.py::"
+RESUME = [STAGES + "test_interrupted_run_resumes_to_the_same_weights"]
+JOINT_RUN = [STAGES + "test_mlm_and_joint_losses_fall_far_below_chance_and_accuracy_beats_most_frequent_token",
+             STAGES + "test_joint_decoder_reads_the_encoded_memory"]
+BAD_SETTINGS = ["tests/test_bad_input.py::test_training_scripts_refuse_bad_settings_before_any_work"]
+MRL = "tests/test_mrl.py::"
+BLEU = [MRL + "test_bleu_matches_a_plain_python_reference_on_random_sequences",
+        MRL + "test_bleu_is_one_for_identical_and_zero_for_disjoint_answers"]
+IMPO = ["tests/test_rl_mechanics.py", "tests/test_mrl_fixes.py",
+        MRL + "test_clipping_stops_the_gain_from_moving_the_policy_further_than_eps",
+        MRL + "test_the_advantage_is_the_reward_minus_the_critics_value",
+        MRL + "test_the_memory_regulariser_alone_trains_the_write_to_change_less"]
+SMAT = ["tests/test_chunks.py::test_smat_episode_in_chunks_gives_the_padded_loss_and_gradients",
+        MRL + "test_unfreeze_schedule_controls_where_decoder_gradients_flow",
+        "tests/test_mrl_fixes.py::test_smat_loss_decodes_the_first_turn_from_a_fresh_memory"]
+DMPO = ["tests/test_rl_mechanics.py", MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"]
+RECALL = [MRL + "test_smat_makes_recall_beat_the_reset_memory_control"]
+EVAL = ["tests/test_evaluation_rows.py", MRL + "test_memory_eval_reports_recall_and_control_by_distance",
+        "tests/test_baseline.py::test_the_baseline_trains_and_is_evaluated_on_the_same_episodes"]
+
+# (file, old: verbatim and exactly once in the file, new, tests, description)
+MUTATIONS = [
+    ("model.py", "torch.cat([-angles.sin(), angles.sin()], dim=-1)", "torch.cat([angles.sin(), angles.sin()], dim=-1)",
+     MODEL, "rope: sin not sign-folded, no longer a rotation"),
+    ("model.py", "k, v = F.linear(context,", "v, k = F.linear(context,", MODEL,
+     "attention: cross-attention keys and values swapped"),
+    ("model.py", "return F.silu(gate) * up", "return F.silu(up) * gate", MODEL, "glu: silu on the wrong half"),
+    ("model.py", "weights = weights / weights.sum(dim=-1, keepdim=True)",
+     "weights = weights / weights.sum(dim=0, keepdim=True)", MODEL,
+     "moe: top-k weights renormalised over the wrong dim"),
+    ("model.py", "real.repeat_interleave(self.top_k)", "real.repeat(self.top_k)", MODEL + CHUNKS,
+     "moe: token mask repeated instead of interleaved over routing slots"),
+    ("model.py", "return slots.size(-1) * (f * p).sum(dim=-1).mean()", "return (f * p).sum(dim=-1).mean()",
+     MODEL + CHUNKS, "balancing_loss: factor E dropped"),
+    ("model.py", "p = mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-9)",
+     "p = mass / slots.sum(dim=-1, keepdim=True).clamp(min=1)", MODEL + CHUNKS,
+     "balancing_loss: P_e divided by routing slots (k per token), not tokens"),
+    ("model.py", "return (1 - g) * stm + g * update", "return g * stm + (1 - g) * update", MODEL, "gate: mix swapped"),
+    ("model.py", "memory_mask, self_mask, is_causal,", "memory_mask, self_mask, False,", MODEL,
+     "decoder: is_causal not passed to the layers"),
+    ("model.py", "memory_mask = None if memory_mask is None else memory_mask[:, None, None, :]", "memory_mask = None",
+     MODEL, "decoder: memory padding mask dropped"),
+    ("model.py", "q_rope=rope_cs if self.memory_rope else None", "q_rope=None", MODEL,
+     "memory read: queries not rotated"),
+    ("model.py", "key_mask = None if ed_mask is None else ed_mask[:, None, None, :]", "key_mask = None", MODEL + CHUNKS,
+     "memory write: ED padding mask dropped"),
+    ("model.py", "k_rope=ed_rope, attn_mask=ed_mask)", "k_rope=None, attn_mask=ed_mask)", MODEL,
+     "memory write: token keys not rotated"),
+    ("model.py", "context = self.pre_norm_kv(stm_mean)", "context = self.pre_norm_kv(stm_l)", MODEL,
+     "interlayer memory attention reads its own layer"),
+    ("model.py", "n_masked = (targets != -100).sum().clamp(min=1)", "n_masked = targets.numel()", MODEL + CHUNKS,
+     "mlm: loss divided by every position, not the masked ones"),
+    ("model.py", "ce / (targets != -100).sum().clamp(min=1)", "ce / targets.numel()", MODEL + CHUNKS,
+     "decode: loss divided by every position, not the counted ones"),
+    ("model.py", "order = torch.cat([rows for rows, _ in chunks]).argsort()",
+     "order = torch.cat([rows for rows, _ in chunks])", CHUNKS + MODEL,
+     "unchunk: permutation used instead of its inverse"),
+    ("model.py", "(0, length - p.size(dim + 1))", "(length - p.size(dim + 1), 0)", CHUNKS + MODEL,
+     "unchunk: parts padded on the left"),
+    ("model.py", "m = int(mem_mask.sum(dim=1).max())", "m = int(mem_mask.sum(dim=1).min())", CHUNKS + MODEL,
+     "decode in chunks: ED cut to its shortest row"),
+    ("model.py", "return (logits.argmax(dim=-1) == targets)[counted].float().mean()",
+     "return (logits.argmax(dim=-1) == targets).float().mean()", MODEL, "token_accuracy counts ignored positions"),
+    ("model.py", "logp_all.gather(-1, ids[:, 1:, None])", "logp_all.gather(-1, ids[:, :-1, None])",
+     ["tests/test_mrl_fixes.py", MRL + "test_impo_step_moves_the_policy_towards_rewarded_answers"],
+     "token_logprobs: off by one"),
+    ("model.py", '(self.gate_type in GATES, f"gate_type', '(True, f"gate_type', BAD_SETTINGS + MODEL,
+     "config: gate_type check removed"),
+
+    ("engine.py", "self.len += T", "self.len = T", GENERATION, "kv cache: length reset instead of advanced"),
+    ("engine.py", 'logits.masked_fill(logits < kth, float("-inf"))', 'logits.masked_fill(logits <= kth, float("-inf"))',
+     GENERATION, "top_k keeps k-1 tokens"),
+    ("engine.py", "drop = p.cumsum(dim=-1) - p > top_p", "drop = p.cumsum(dim=-1) > top_p", GENERATION,
+     "top_p drops the token that reaches the mass"),
+    ("engine.py", "logits = logits.float() / temperature", "logits = logits.float() * temperature", GENERATION,
+     "temperature multiplies the logits"),
+    ("engine.py", "key_valid[:, :T] = attn_mask", "key_valid[:, :T] = True", GENERATION,
+     "padded generation attends to the prompt's pads"),
+    ("engine.py", "pos = lengths + step", "pos = lengths + step + 1", GENERATION,
+     "padded generation: positions off by one"),
+    ("engine.py", "torch.full((sa.n_q * hd,), hd ** -0.5)", "torch.full((sa.n_q * hd,), hd ** 0.5)", GENERATION,
+     "FastStep: attention scale inverted"),
+    ("engine.py", "alpha=w_e / sum(w)", "alpha=w_e", GENERATION, "FastStep: expert weights not renormalised"),
+    ("engine.py", "is_eos.float().argmax(dim=1) + 1", "is_eos.float().argmax(dim=1)",
+     MODEL + ["tests/test_mrl_fixes.py"], "generate: lengths exclude [EOS]"),
+
+    ("training.py", 'return cfg["lr"] * (step + 1) / cfg["warmup_iters"]',
+     'return cfg["lr"] * step / cfg["warmup_iters"]', PLUMBING, "warmup starts at lr 0 and ends short of lr"),
+    ("training.py", "0.5 * (1 + math.cos(math.pi * progress))", "0.5 * (1 - math.cos(math.pi * progress))", PLUMBING,
+     "cosine decay runs backwards"),
+    ("training.py", 'tmp = path + ".tmp"', "tmp = path", PLUMBING, "checkpoint written in place, not atomically"),
+    ("training.py", 'optimizer.load_state_dict(ckpt["optimizer"])', "optimizer = make_optimizer(params, cfg, device)",
+     RESUME, "resume: optimizer state not restored"),
+    ("training.py", "+ step * 131 + rank", "+ step * 131", [STAGES + "test_each_rank_trains_on_its_own_batches"],
+     "every rank draws the same batches"),
+    ("training.py", "flat /= world", "flat /= 1", [STAGES + "test_two_process_torchrun_trains_and_ranks_agree"],
+     "ddp: gradients summed, not averaged"),
+    ("training.py", "no_decay = [p for p in params if p.dim() < 2]", "no_decay = [p for p in params if p.dim() < 1]",
+     PLUMBING + ["tests/test_precision.py"], "optimizer: norms, biases and gates left out"),
+    ("training.py", 'if (step + 1) % cfg["eval_interval"] == 0', 'if step % cfg["eval_interval"] == 0', RESUME,
+     "eval and checkpoint one step early"),
+    ("training.py", "if batch is None or step % batch_reuse == 0:", "if batch is None:", RESUME,
+     "the first batch is reused for the whole run"),
+
+    ("cli.py", "if not sep:", "if sep:", PLUMBING, "configure: --key=value rejected, --key accepted"),
+    ("cli.py", "not isinstance(v, bool) and v >= n)", "not isinstance(v, bool) and v > n)", BAD_SETTINGS + PLUMBING,
+     "at_least: bound made exclusive"),
+    ("cli.py", "not isinstance(v, bool) and lo <= v <= hi)", "not isinstance(v, bool) and lo < v <= hi)",
+     BAD_SETTINGS + PLUMBING, "between: lower bound made exclusive"),
+    ("cli.py", "sys.exit(2 if isinstance(e, ConfigError) else 1)", "sys.exit(1 if isinstance(e, ConfigError) else 2)",
+     PLUMBING, "exit codes of settings and files swapped"),
+    ("cli.py", "if not self.disable and self.total and", "if self.disable and self.total and", ["tests/test_house.py"],
+     "progress: log lines only when disabled"),
+
+    ("scores.py", ".all(dim=1) & (ans_len == ref_mask.sum(dim=1))", ".all(dim=1)", ["tests/test_mrl_fixes.py"],
+     "exact_match: a cut answer matches"),
+    ("scores.py", "[None] + n <= length[:, None]", "[None] + n < length[:, None]", BLEU,
+     "bleu: last n-gram of each sentence dropped"),
+    ("scores.py", "else (matches + 1) / (total + 1)", "else matches / total.clamp(min=1)", BLEU,
+     "bleu: no add-one smoothing"),
+    ("scores.py", "torch.exp(1 - r / c.clamp(min=1))", "torch.exp(1 - c / r.clamp(min=1))", BLEU,
+     "bleu: brevity penalty inverted"),
+    ("scores.py", "torch.minimum(c_counts, r_counts).sum(dim=1)", "c_counts.sum(dim=1)", BLEU,
+     "bleu: counts not clipped by the reference"),
+    ("scores.py", "text.lower()).strip()", "text).strip()", EVAL, "normalize: case kept, so capitals are dropped"),
+
+    ("data/loaders.py", "masked_fill(~counts[:, 1:], IGNORE)", "masked_fill(~counts[:, :-1], IGNORE)", LOADERS,
+     "next_token_targets: mask off by one"),
+    ("data/loaders.py", "< prob) & attn_mask", "< prob)", LOADERS, "mlm_inputs masks padding too"),
+    ("data/loaders.py", "q[max(0, len(q) + 3 - max_len):]", "q[:max(0, max_len - 3)]",
+     LOADERS + ["tests/test_data_tokenizer.py"], "render_query keeps the front of a long query"),
+    ("data/loaders.py", "return (prompt + a)[:max_len], len(prompt)", "return (prompt + a)[:max_len], len(prompt) - 1",
+     LOADERS, "render_interaction: answer starts one early"),
+    ("data/loaders.py", "(j - i) * sorted_len[j - 1] + overhead", "(j - i) * sorted_len[i] + overhead", CHUNKS,
+     "length_chunks: a group costed at its shortest row"),
+    ("data/loaders.py", "sorted_len[j - 1]) for i, j in reversed(groups)]",
+     "sorted_len[i]) for i, j in reversed(groups)]", CHUNKS, "length_chunks: a group cut to its shortest row"),
+    ("data/loaders.py", "ans_mask[b, start - 1:end - 1] = True", "ans_mask[b, start:end] = True",
+     LOADERS + ["tests/test_mrl_fixes.py"], "join_answers: sampled-token mask off by one"),
+    ("data/loaders.py", "seq_len - max_answer - 1", "seq_len - max_answer", LOADERS,
+     "collate_queries leaves no room for [EOS]"),
+    ("data/loaders.py", "rows = rows[1:]", "rows = rows[:-1]",
+     ["tests/test_baseline.py::test_a_conversation_too_long_for_the_context_loses_its_oldest_turns_whole"],
+     "render_dialogue drops the newest turn"),
+    ("data/loaders.py", 'others = [v for v in values if v != episode["gold"]]', "others = list(values)", DMPO,
+     "rejected_answer may reject the gold answer itself"),
+
+    ("data/tokenizer.py", "i += 2", "i += 1", ["tests/test_data_tokenizer.py"], "merge_word: overlapping merges"),
+    ("data/tokenizer.py", "n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)", "n_merges = vocab_size - 256",
+     ["tests/test_data_tokenizer.py"], "train_bpe: specials not counted in the vocab"),
+    ("data/tokenizer.py", "if pair_counts.get(pair, 0) != -neg or neg == 0:",
+     "if pair_counts.get(pair, 0) > -neg or neg == 0:", ["tests/test_data_tokenizer.py"],
+     "train_bpe: stale heap entries accepted"),
+    ("data/tokenizer.py", "len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)",
+     "len(ranks) + i + 1 for i, tok in enumerate(SPECIAL_TOKENS)", ["tests/test_data_tokenizer.py"],
+     "special ids leave a gap after the ranks"),
+
+    ("data/memory_world.py", "avoid=(vp, p)", "avoid=(p,)", ["tests/test_data_world.py"],
+     "binding question: both people may share the value"),
+    ("data/memory_world.py", "others = [q for q in NAMES if q != p]", "others = list(NAMES)",
+     ["tests/test_data_world.py"], "distractors may mention the probed person"),
+    ("data/memory_world.py", "gold = random_value(rng, p, slot, avoid=seen)", "gold = random_value(rng, p, slot)",
+     ["tests/test_data_world.py"], "overwrite may repeat an earlier value"),
+
+    ("data/tinystories.py", "if have and response.status != 206:", "if have and response.status != 200:",
+     ["tests/test_data_tinystories.py"], "download: a honoured Range request restarts"),
+    ("data/tinystories.py", "ids += [tokenizer.bos_id] + story + [tokenizer.eos_id]",
+     "ids += story + [tokenizer.eos_id]", ["tests/test_data_tinystories.py"], "tokenize_to_bin: [BOS] missing"),
+    ("data/tinystories.py", "buf = buf.strip()", 'buf = ""', ["tests/test_data_tinystories.py"],
+     "iter_stories drops the last story"),
+
+    ("train_mrl.py", "prev_ids, prev_mask, _ = turns[t - 1]", "prev_ids, prev_mask, _ = turns[t]", SMAT + RECALL,
+     "smat writes the current turn (its answer leaks)"),
+    ("train_mrl.py", 'stm.detach() if cfg["smat_detach_stm"] else stm',
+     'stm if cfg["smat_detach_stm"] else stm.detach()', SMAT, "smat_detach_stm inverted"),
+    ("train_mrl.py", '"encoder": step >= cfg["smat_unfreeze_encoder_at"] * n',
+     '"encoder": step >= cfg["smat_unfreeze_memory_at"] * n', SMAT, "encoder unfrozen with the memory attention"),
+    ("train_mrl.py", 'groups["encoder"], groups["memory_attention"]  # stm_init',
+     'groups["memory_attention"], groups["encoder"]  # stm_init', SMAT,
+     "embed and stm_init unfreeze schedules swapped"),
+    ("train_mrl.py", "label = (1 - w) * stm + w * ed", "label = (1 - w) * new + w * ed",
+     [MRL + "test_memory_attention_pretraining_loss_falls"], "mem: the label is built from the model's own write"),
+    ("train_mrl.py", 'step * len(curriculum) // max(1, cfg["max_iters"])', 'step // max(1, cfg["max_iters"])',
+     ["tests/test_formulas_and_options.py::test_length_buckets_off_draws_the_episodes_in_file_order",
+      MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"], "curriculum stuck at its first entry"),
+    ("train_mrl.py", 'init_from = os.path.join(pcfg["out_dir"], "ckpt.pt")', 'init_from = cfg["init_from"]',
+     [MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"], "phases do not chain: each starts afresh"),
+
+    ("rl.py", "torch.minimum(ratio * adv,", "torch.maximum(ratio * adv,", IMPO, "PPO surrogate: max instead of min"),
+    ("rl.py", 'adv = s["reward"] - value.detach()', 'adv = s["reward"]', IMPO,
+     "advantage without the critic's baseline"),
+    ("rl.py", 'ratio - 1 - (logp - s["old_logp"])', 'ratio - 1 + (logp - s["old_logp"])', IMPO,
+     "IMPO KL: sign of log r flipped"),
+    ("rl.py", "F.mse_loss(new_stm, stm_prev)", "F.mse_loss(new_stm.detach(), stm_prev)", IMPO,
+     "memory regulariser detached from the write"),
+    ("rl.py", 's["q_mask"], stm.detach())', 's["q_mask"], stm)', IMPO,
+     "the critic's value loss trains the memory (missing detach)"),
+    ("rl.py", "stm = model.update_memory(stm, ids, attn_mask, chunks)", "stm = model.update_memory(stm, q_ids, q_mask)",
+     IMPO, "rollout writes the query without the model's answer"),
+    ("rl.py", "t == len(turns[0]) - 1, cfg, tok)", "t == len(turns[0]), cfg, tok)", IMPO,
+     "rollout never marks the probe (no recall reward)"),
+    ("rl.py", "[None] < ans_len[:, None]", "[None] <= ans_len[:, None]", IMPO,
+     "cosine reward averages one pad into the answer"),
+    ("rl.py", "margin = beta * ((policy_w - ref_w) - (policy_l - ref_l))",
+     "margin = beta * ((policy_w - ref_w) + (policy_l - ref_l))", DMPO, "dpo_loss: the rejected answer's term added"),
+    ("rl.py", "for ids, attn_mask, _ in turns[:-1]:", "for ids, attn_mask, _ in turns:", DMPO,
+     "dmpo writes the probe turn before scoring it (the answer leaks)"),
+
+    ("train_joint.py", "device=ed.device), 1)", "device=ed.device), -1)",
+     [STAGES + "test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask"],
+     "ed_swap reads the next row, not the previous"),
+    ("train_joint.py", "torch.where(swap[:, None], attn_mask[other], attn_mask))", "attn_mask)",
+     [STAGES + "test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask"], "ed_swap keeps the row's own mask"),
+    ("train_joint.py", "memory, memory_mask = ed.detach(), attn_mask", "memory, memory_mask = ed, attn_mask", JOINT_RUN,
+     "joint: the decoder's loss shapes the encoder (missing detach)"),
+
+    ("train_mlm.py", "attn_mask = ids != tok.pad_id", "attn_mask = ids == tok.pad_id", JOINT_RUN[:1],
+     "mlm: padding mask inverted"),
+
+    ("train_baseline.py", 'if set(cfg["distances"]) - set(have):', 'if not set(cfg["distances"]) & set(have):',
+     BAD_SETTINGS, "baseline: a missing distance passes if another exists"),
+    ("train_baseline.py", "return ids, next_token_targets(ids, ids != tok.pad_id)", "return ids, ids",
+     ["tests/test_baseline.py"], "baseline lm: targets are the inputs (no shift)"),
+
+    ("evaluate.py", 'return 1.0 / (len(values) - (ep["slot"] == "friend"))', "return 1.0 / len(values)", EVAL,
+     "chance counts a person as their own friend"),
+    ("evaluate.py", "if reset_before_probe:", "if not reset_before_probe:", RECALL + EVAL,
+     "reset control and recall swapped"),
+    ("evaluate.py", "for t in range(len(turns[0]) - 1):", "for t in range(len(turns[0])):", RECALL + EVAL,
+     "the probe and its answer are written before it is asked"),
+    ("evaluate.py", 'if set(cfg["distances"]) - set(have):', 'if set(have) - set(cfg["distances"]):',
+     EVAL + ["tests/test_bad_input.py::test_evaluate_refuses_bad_settings"], "distance check with its sets swapped"),
+    ("evaluate.py", "token_loss(logits, targets).item() * counted", "token_loss(logits, targets).item()", EVAL,
+     "answer perplexity: batch means not weighted by tokens"),
+
+    ("chat.py", "query_ids + answer + [self.tok.eos_id]", "query_ids + answer", ["tests/test_chat.py"],
+     "the written turn lacks [EOS]"),
+    ("chat.py", "self.thread.join()", "self.thread.join(timeout=0.1)", ["tests/test_chat.py"],
+     "the next answer may not wait for the write"),
+
+    ("bench.py", "ids = torch.cat(history + [query])[None]", "ids = query[None]", ["tests/test_bench.py"],
+     "baseline does not re-read the history"),
+    ("bench.py", '{"padded": real / padded, "chunks": real / chunked}',
+     '{"padded": real / chunked, "chunks": real / padded}', ["tests/test_bench.py"], "smat real-token shares swapped"),
+    ("bench.py", "return 2 * 2 * B * Hq * T * T * hd // 2", "return 2 * 2 * B * Hq * T * T * hd",
+     ["tests/test_bench.py"], "score FLOPs count the causal upper triangle"),
+
+    ("demo.py", 'if key == "device":', 'if key != "device":',
+     ["tests/test_bad_input.py::test_demo_refuses_unknown_options_before_the_first_stage"],
+     "pass-through flags checked by the wrong rule"),
+]
+
+
+def description(m):
+    return m[4] if len(m) > 4 else f"{m[1].strip()[:30]} -> {m[2].strip()[:30]}"
+
+
+def problems(m):
+    """What is wrong with one entry: an `old` not found exactly once, a mutant that does not parse (a syntax error is
+    no realistic bug, and every test would catch it), a no-op, a test target that is not there."""
+    file, old, new, tests = m[:4]
+    text, out = open(os.path.join(ROOT, file), encoding="utf-8").read(), []
+    if text.count(old) != 1:
+        out.append(f"{file}: {old!r} occurs {text.count(old)} times, not once")
+    else:
+        try:
+            compile(text.replace(old, new), file, "exec")
+        except SyntaxError as e:
+            out.append(f"{file}: replacing {old!r} does not parse ({e.msg}, line {e.lineno})")
+    if old == new:
+        out.append(f"{file}: {old!r} is replaced by itself")
+    for target in tests:
+        path, _, name = target.partition("::")
+        full = os.path.join(ROOT, path)
+        if not os.path.isfile(full) or (name and f"def {name}(" not in open(full, encoding="utf-8").read()):
+            out.append(f"{file}: test target {target} not found")
+    return out
+
+
+def repo_files():
+    """Tracked and untracked-but-not-ignored files: the copy never sees data/cache, out/ or an old run's leftovers."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\0")
+    return [f for f in listed if f and os.path.isfile(os.path.join(ROOT, f))]  # a tracked file deleted here is gone
+
+
+def run_one(m, files, timeout, env):
+    """Apply one mutation to a fresh copy and run its tests there. Returns (status, seconds, output tail)."""
+    file, old, new, tests = m[:4]
+    with tempfile.TemporaryDirectory(prefix="nanorxt-mutant-") as copy:
+        for f in files:
+            os.makedirs(os.path.dirname(os.path.join(copy, f)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(copy, f))
+        path = os.path.join(copy, file)
+        text = open(path, encoding="utf-8").read()
+        if text.count(old) != 1:  # --check guards this too, but the file may have changed since
+            raise RuntimeError(f"{file}: {old!r} occurs {text.count(old)} times, not once")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(old, new))
+        t0 = time.time()
+        # pytest's temporary files (the session's memory world) inside the copy: parallel mutants never share them
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                 f"--basetemp={os.path.join(copy, '.pytest-tmp')}", *tests], cwd=copy, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # the whole group: pytest's own children (torchrun, chat.py) too
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            return "timeout", time.time() - t0, out[-2000:]
+    # 4 (usage error, e.g. a test id that does not exist) and 5 (nothing collected) say nothing about the mutant
+    status = "missed" if proc.returncode == 0 else "error" if proc.returncode in (4, 5) else "caught"
+    return status, time.time() - t0, out[-2000:]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Mutation testing of nanoRxT's test suite.")
+    p.add_argument("--only", default="", help="run the mutations whose file or description contains this")
+    p.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    p.add_argument("--check", action="store_true", help="only check that every mutation applies (no tests run)")
+    p.add_argument("--jobs", type=int, default=1, help="mutations run in parallel")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per mutation (a timeout counts as caught)")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only in m[0] or args.only in description(m)]
+    if args.list:
+        for i, m in enumerate(chosen, 1):
+            print(f"{i:3d}  {m[0]:20s} {description(m)}\n     {' '.join(m[3])}")
+        return 0
+    broken = [m for m in chosen if problems(m)]
+    for m in broken:  # before any test runs: a list that no longer fits the code is fixed first
+        print("\n".join(f"error: {line}" for line in problems(m)))
+    if broken or args.check:
+        print(f"{len(chosen) - len(broken)} of {len(chosen)} mutations apply" if broken else
+              f"all {len(chosen)} mutations apply: each `old` occurs exactly once and the mutant parses")
+        return 1 if broken else 0
+
+    files, results = repo_files(), []
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    if args.jobs > 1:  # parallel mutants share the cores: torch's default of one thread per core would oversubscribe
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    print(f"{len(chosen)} mutations, {args.jobs} at a time, timeout {args.timeout}s", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_one, m, files, args.timeout, env): m for m in chosen}
+        for future in as_completed(futures):
+            m = futures[future]
+            status, seconds, tail = future.result()
+            results.append((m, status))
+            print(f"{status:8s}{seconds:7.1f}s  {m[0]:20s} {description(m)}", flush=True)
+            if status == "error":
+                print("    " + "\n    ".join(tail.strip().splitlines()[-5:]), flush=True)
+    caught = sum(status in ("caught", "timeout") for _, status in results)
+    timeouts = sum(status == "timeout" for _, status in results)
+    print(f"\ncaught {caught} of {len(results)} ({100 * caught / max(1, len(results)):.0f}%)"
+          + (f", {timeouts} of them by timeout" if timeouts else ""))
+    for m, status in sorted(results, key=lambda r: MUTATIONS.index(r[0])):
+        if status not in ("caught", "timeout"):
+            print(f"  {status}: {m[0]}: {description(m)}  ({' '.join(m[3])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The evaluation measures what its rows say: two hand-made episodes and a scripted model whose every row can be
+worked out by hand (the model's answers and writes are the only thing replaced)."""
+
+import os
+import re
+
+import torch
+
+import engine
+import evaluate
+from conftest import TINY
+from data.loaders import render_dialogue
+from data.memory_world import SLOTS
+from data.tokenizer import Tokenizer
+from model import ReactiveTransformer, StatelessDecoder, get_config
+
+PLAIN = {"query": "Mia has a red ball.", "answer": "Got it.", "distance": 1, "gold": "red", "kind": "long-range",
+         "slot": "colour", "interactions": [{"query": "What colour is Mia's ball?", "answer": "red"}]}
+BINDING = {"query": "Tom has a blue kite. Ann has a green kite.", "answer": "Got it.", "distance": 1, "gold": "green",
+           "kind": "long-range", "slot": "colour", "binding": True,
+           "interactions": [{"query": "What colour is Ann's kite?", "answer": "green"}]}
+
+
+def scripted(monkeypatch, writes):
+    """A model that keeps what was written as text and answers a question with the first colour it was told, whoever
+    it belonged to (so it recalls the plain fact and fails the binding one); anything else it answers 'ok'."""
+    monkeypatch.setattr(evaluate, "fresh_memory", lambda model, n, g: [[] for _ in range(n)])
+
+    def write(model, tok, memory, records):
+        writes.append([dict(r) for r in records])
+        return [m + [r["query"] + " " + r["answer"]] for m, r in zip(memory, records)]
+
+    def answer(model, tok, queries, memory, max_new_tokens):
+        said = []
+        for q, m in zip(queries, memory):
+            told = re.findall(r"has a (\w+)", " ".join(m))
+            said.append((told[0] if told else "nothing") if q.endswith("?") else "ok")
+        return said
+
+    monkeypatch.setattr(evaluate, "write", write)
+    monkeypatch.setattr(evaluate, "answer", answer)
+    monkeypatch.setattr(evaluate, "answer_tokens", lambda *a: None)
+
+
+def test_recall_binding_and_chat_flow_rows_on_two_episodes_worked_out_by_hand(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    writes = []
+    scripted(monkeypatch, writes)
+    cfg = dict(evaluate.DEFAULTS, distances=[1])
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING], [BINDING], cfg)
+    recall, binding, flow = results["recall"][1], results["binding"][1], results["chat_flow"][1]
+    assert recall["n"] == 2 and recall["recall"] == 0.5 and recall["reset_control"] == 0.0
+    assert recall["chance"] == 1 / len(SLOTS["colour"]["values"]) and recall["by_kind"]["long-range"] == 0.5
+    assert binding["n"] == 1 and binding["recall"] == 0.0  # only the binding episode, which the model gets wrong
+    assert flow["n"] == 2 and flow["recall"] == 0.5 and "reset_control" not in flow
+    assert results["in_context"]["recall"] == 0.0
+    # recall writes the reference answers; the chat flow writes the model's own ("ok"), as chat.py does
+    answers = [[r["answer"] for r in w] for w in writes]
+    assert ["Got it.", "Got it."] in answers and ["ok", "ok"] in answers
+
+
+def test_the_stateless_baseline_answers_with_the_whole_history_in_its_prompt(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = StatelessDecoder(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    prompts = []
+
+    def generate(m, ids, attn_mask=None, stm=None, **kw):
+        prompts.append([ids[b, :int(attn_mask[b].sum())].tolist() for b in range(ids.size(0))])
+        return torch.full((ids.size(0), 1), tok.eos_id), torch.ones(ids.size(0), dtype=torch.long)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    history = evaluate.write(model, tok, evaluate.fresh_memory(model, 1, None), [PLAIN])
+    assert history == [[PLAIN]]
+    evaluate.answer(model, tok, ["What colour is Mia's ball?"], history, 4)
+    want = render_dialogue(tok, [PLAIN], model.cfg.seq_len - 4 - 1, query="What colour is Mia's ball?")[0]
+    assert prompts == [[want]] and tok.encode("Mia has a red ball.")[0] in want

@@ -1,0 +1,161 @@
+"""Formulas with a constant or a gradient in them, checked against values computed by hand; every model option
+changes something and an option that is off changes nothing; every setting refuses a wrong type and a negative."""
+
+import importlib
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+import cli
+import engine
+import model as M
+import train_mrl
+from conftest import TINY
+from data.loaders import episode_pools
+
+# -----------------------------------------------------------------------------
+# Formulas
+
+
+def test_rope_tables_follow_the_formula():
+    positions, hd, base = torch.tensor([0, 1, 5, 17]), 8, 500.0
+    cos, sin = M.rope(positions, hd, base)
+    for r, p in enumerate(positions.tolist()):
+        for i in range(hd // 2):
+            angle = p * base ** (-2 * i / hd)
+            assert cos[r, i].item() == pytest.approx(math.cos(angle), abs=1e-5) == cos[r, i + hd // 2].item()
+            assert sin[r, i].item() == pytest.approx(-math.sin(angle), abs=1e-5)
+            assert sin[r, i + hd // 2].item() == pytest.approx(math.sin(angle), abs=1e-5)
+
+
+def test_balancing_loss_on_routing_statistics_worked_out_by_hand():
+    # 2 experts, 4 tokens, top-1: slots (3, 1), router probability mass (2.5, 1.5)
+    stats = torch.tensor([[[3.0, 1.0], [2.5, 1.5]]])
+    assert M.balancing_loss(stats).item() == pytest.approx(2 * (0.75 * 0.625 + 0.25 * 0.375))
+    # layers are averaged; a second, uniform layer scores 1
+    two = torch.cat([stats, torch.tensor([[[2.0, 2.0], [2.0, 2.0]]])])
+    assert M.balancing_loss(two).item() == pytest.approx((1.125 + 1.0) / 2)
+
+
+def test_routing_statistics_count_every_slot_and_a_unit_of_probability_per_real_token():
+    torch.manual_seed(0)
+    moe = M.MoEFeedForward(16, n_experts=4, top_k=2, hidden=8)
+    M.init_weights(moe)
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    _, stats = moe(x, mask)
+    probs = torch.softmax(moe.router(x[mask]), dim=-1)
+    assert torch.equal(stats[0], torch.bincount(probs.topk(2).indices.flatten(), minlength=4).float())
+    torch.testing.assert_close(stats[1], probs.sum(dim=0))
+
+
+def test_the_router_learns_from_the_task_loss_with_the_balancing_loss_off():
+    torch.manual_seed(0)
+    moe = M.MoEFeedForward(16, n_experts=4, top_k=2, hidden=8)
+    M.init_weights(moe)
+    y, _ = moe(torch.randn(2, 8, 16))
+    y.pow(2).sum().backward()  # through the renormalised top-k weights
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_temperature_zero_is_greedy_and_a_large_one_is_near_uniform():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert engine.sample_next(logits, 0.0).eq(0).all()
+    assert engine.sample_next(logits, 0.1, generator=g).eq(0).float().mean() > 0.99
+    share = torch.bincount(engine.sample_next(logits, 1000.0, generator=g), minlength=4).float() / 4000
+    assert (share - 0.25).abs().max() < 0.04
+
+
+def test_answer_lengths_count_the_eos_and_stop_there():
+    torch.manual_seed(0)
+    m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY)).eval()
+    ids, stm = torch.randint(3, 64, (1, 6)), m.new_memory(1)
+    free, _ = engine.generate(m, ids, None, stm, max_new_tokens=8, temperature=0)
+    eos = free[0, 2].item()
+    first = free[0].tolist().index(eos)
+    tokens, lengths = engine.generate(m, ids, None, stm, max_new_tokens=8, temperature=0, eos_id=eos)
+    assert lengths.tolist() == [first + 1] and tokens[0, first].item() == eos
+
+
+# -----------------------------------------------------------------------------
+# Options
+
+
+ALTERNATIVES = dict(vocab_size=80, d_model=48, n_layers=3, n_heads=2, n_q_heads=4, n_kv_heads=1, enc_ff_dim=96,
+                    n_experts=6, top_k=1, expert_dim=96, stm_size=8, memory_attention="self-interlayer",
+                    gate_type="linear", encoder_cross_attention=True, enc_cross_q_heads=4, enc_cross_kv_heads=1,
+                    rope_base=50.0, stm_init_std=0.3, memory_rope=False, memory_qk_norm=True, memory_heads=4,
+                    stm_init="learned")
+NOT_THE_MODELS = {"seq_len"}  # the interaction budget of data and generation; the model has no position table
+
+
+def outputs(m):
+    """Everything a model computes on fixed inputs: a fresh memory, the write, the decoder reading it."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (2, 7))
+    stm = m.new_memory(2, generator=torch.Generator().manual_seed(2))
+    new = m.update_memory(stm, ids)
+    return [stm, new, m.decode(ids, new)[0]]
+
+
+def test_every_model_option_changes_the_parameters_or_the_forward_pass():
+    assert set(ALTERNATIVES) | NOT_THE_MODELS == {f.name for f in fields(M.ModelConfig)}
+    base_cfg = M.get_config("nano", vocab_size=64, **dict(TINY, memory_attention="interlayer", gate_type="per-slot"))
+    torch.manual_seed(0)
+    base = M.ReactiveTransformer(base_cfg)
+    for name, value in ALTERNATIVES.items():
+        extra = {"encoder_cross_attention": True} if name.startswith("enc_cross") else {}
+        ref = base
+        if extra:  # the cross-attention heads matter only where the encoder reads the memory
+            torch.manual_seed(0)
+            ref = M.ReactiveTransformer(M.get_config("nano", **dict(base_cfg.__dict__, **extra)))
+        torch.manual_seed(0)
+        variant = M.ReactiveTransformer(M.get_config("nano", **dict(base_cfg.__dict__, **extra, **{name: value})))
+        shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+        if shapes(variant) != shapes(ref):
+            continue
+        variant.load_state_dict(ref.state_dict())
+        assert any(not torch.allclose(a, b) for a, b in zip(outputs(ref), outputs(variant))), name
+
+
+def test_the_mini_base_encoder_reads_the_memory_it_writes_into():
+    torch.manual_seed(0)
+    m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **dict(TINY, encoder_cross_attention=True)))
+    ids = torch.randint(3, 64, (2, 7))
+    a, b = (m.new_memory(2, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert not torch.allclose(m.encode(ids, None, a), m.encode(ids, None, b))
+    plain = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))
+    torch.testing.assert_close(plain.encode(ids, None, a), plain.encode(ids, None, b))
+
+
+def test_length_buckets_off_draws_the_episodes_in_file_order():
+    episodes = [{"distance": 1 + i % 2, "query": "q" * (50 - i), "answer": "a", "interactions": []} for i in range(40)]
+    pools = episode_pools(episodes, n_val=4, by_length=False)
+    assert pools["train"][1] == [ep for ep in episodes[4:] if ep["distance"] == 1]  # not sorted by length
+    cfg = dict(train_mrl.DEFAULTS, batch_size=5, max_iters=10, length_buckets=1)
+    got = train_mrl.episode_batch(cfg, pools, "train", 0, [[1, 2]], torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    pool = pools["train"][[1, 2][torch.randint(2, (1,), generator=g).item()]]
+    assert got == [pool[i] for i in torch.randint(len(pool), (5,), generator=g).tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@pytest.mark.parametrize("script", ["train_mlm", "train_joint", "train_mrl", "train_baseline", "evaluate", "chat"])
+def test_every_numeric_setting_refuses_a_wrong_type_and_a_negative_value(script):
+    mod = importlib.import_module(script)
+    elsewhere = ["--data_dir=/nonexistent", "--ckpt=/nonexistent.pt", "--init_from=/nonexistent.pt", "--device=cpu"]
+    elsewhere = [a for a in elsewhere if a[2:].split("=")[0] in mod.DEFAULTS]
+    checked = 0
+    for key, value in mod.DEFAULTS.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for bad in ("'many'", "-1"):
+            with pytest.raises(cli.ConfigError):
+                mod.main([f"--{key}={bad}"] + elsewhere)
+        checked += 1
+    assert checked >= 3

@@ -1,0 +1,57 @@
+"""The house: modules import each other one way only, and output written to a file reads like a report."""
+
+import ast
+import glob
+import os
+
+import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train_mlm", "train_joint", "train_mrl", "train_baseline", "evaluate", "chat", "demo", "bench"}
+
+
+def import_graph():
+    """{module: project modules it imports anywhere in the file, function-level imports included}."""
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "data", "*.py"))
+    mods = {os.path.relpath(f, ROOT)[:-3].replace(os.sep, "."): f for f in files}
+    graph = {}
+    for m, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(open(f).read())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[m] = {d for d in deps if d in mods and d != m}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, done = import_graph(), set()
+
+    def visit(m, path):
+        assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            for d in graph[m]:
+                visit(d, path + [m])
+            done.add(m)
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_model_engine_and_data_import_no_training_plumbing_or_script():
+    graph = import_graph()
+    for m, deps in graph.items():
+        if m in ("model", "engine", "cli", "scores") or m.startswith("data."):
+            assert not deps & (SCRIPTS | {"training"}), (m, deps)
+    assert graph["model"] == set() and graph["cli"] == set()
+    for stage in ("train_mlm", "train_joint", "train_mrl", "train_baseline"):
+        assert "evaluate" not in graph[stage] and not graph[stage] & SCRIPTS, stage
+
+
+def test_progress_in_a_log_file_is_a_line_every_tenth(capsys):
+    for _ in cli.progress(range(1000), desc="steps"):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("steps: 1000/1000")

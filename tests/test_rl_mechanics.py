@@ -1,0 +1,102 @@
+"""The RL stage's mechanics, each observed directly: the signs of IMPO's terms, what a rollout writes into memory,
+the reference it is scored against, the random reset's direction and what the critic reads."""
+
+import os
+
+import pytest
+import torch
+
+import engine
+import rl
+import train_mrl
+from conftest import TINY
+from data.loaders import episode_turns
+from data.tokenizer import Tokenizer
+from model import ReactiveTransformer, get_config
+from test_mrl import colour_episodes
+
+
+def setup(world, **cfg):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    torch.manual_seed(0)
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    cfg = dict(train_mrl.DEFAULTS, seq_len=64, mrl_max_answer=4, mrl_reset_prob=0.0, **cfg)
+    return tok, model, cfg
+
+
+def episodes(n=6):
+    eps = colour_episodes(n, seed=0)
+    return [dict(ep, interactions=[{"query": "Hello there.", "answer": "Hello."}] + ep["interactions"]) for ep in eps]
+
+
+def test_the_entropy_bonus_lowers_the_loss_and_the_policy_kl_raises_it(world):
+    tok, model, cfg = setup(world, mrl_memory_reg=0.0, mrl_value_coef=0.0)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the policy moves after the rollout: KL(pi_old || pi) > 0
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss = lambda **kw: rl.impo_loss(model, critic, play, dict(cfg, **kw))
+    base, _ = loss(mrl_entropy_coef=0.0, mrl_kl_coef=0.0)
+    with_entropy, _ = loss(mrl_entropy_coef=1.0, mrl_kl_coef=0.0)
+    with_kl, metrics = loss(mrl_entropy_coef=0.0, mrl_kl_coef=1.0)
+    assert with_entropy.item() < base.item() - 1.0  # a bonus: the untrained policy's entropy is several nats
+    assert metrics["kl"] > 0 and with_kl.item() - base.item() == pytest.approx(metrics["kl"], rel=1e-3)
+
+
+def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_reference_with_eos(world, monkeypatch):
+    tok, model, cfg = setup(world)
+    writes, sampled, refs = [], [], []
+    real_update, real_generate = model.update_memory, engine.generate
+
+    def update(stm, ids, attn_mask=None, chunks=None):
+        writes.append(ids.clone())
+        return real_update(stm, ids, attn_mask, chunks)
+
+    def generate(*args, **kw):
+        out = real_generate(*args, **kw)
+        sampled.append(out)
+        return out
+
+    def reward_fn(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
+        refs.append((ref_ids, ref_mask))
+        return torch.zeros(ans.size(0))
+
+    monkeypatch.setattr(model, "update_memory", update)
+    monkeypatch.setattr(engine, "generate", generate)
+    eps = episodes()
+    play = rl.rollout(model, eps, tok, cfg, torch.Generator().manual_seed(0), reward_fn=reward_fn)
+    assert len(writes) == 3 and len(play["steps"]) == 2  # the facts as given, then each turn as the model played it
+    for t, (s, (ans, ans_len)) in enumerate(zip(play["steps"], sampled), start=1):
+        assert torch.equal(writes[t], s["ids"])
+        for b in range(len(eps)):
+            q = int(s["q_mask"][b].sum())
+            assert s["ids"][b, q:q + int(ans_len[b])].tolist() == ans[b, :int(ans_len[b])].tolist()
+    for (ref_ids, ref_mask), t in zip(refs, (1, 2)):
+        for b, ep in enumerate(eps):
+            answer = episode_turns(ep)[t]["answer"]
+            assert ref_ids[b][ref_mask[b]].tolist() == tok.encode(answer) + [tok.eos_id]
+
+
+def test_a_random_reset_starts_the_rollout_from_noise_of_the_reset_std(world):
+    tok, model, cfg = setup(world, mrl_reset_std=0.5)
+    stds = {}
+    for prob in (0.0, 1.0):
+        play = rl.rollout(model, episodes(), tok, dict(cfg, mrl_reset_prob=prob), torch.Generator().manual_seed(0))
+        stds[prob] = play["stm0"].std().item()
+    assert stds[0.0] == pytest.approx(model.cfg.stm_init_std, rel=0.2) and stds[1.0] == pytest.approx(0.5, rel=0.1)
+
+
+def test_the_critic_reads_the_turns_query_and_the_memory_the_decoder_reads(world, monkeypatch):
+    tok, model, cfg = setup(world)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    seen, real = [], critic.forward
+    monkeypatch.setattr(critic, "forward", lambda ids, mask, stm: seen.append((ids, mask, stm)) or real(ids, mask, stm))
+    rl.impo_loss(model, critic, play, cfg)
+    stm = model.update_memory(play["stm0"], *play["first"])
+    for (ids, mask, read), s in zip(seen, play["steps"]):
+        assert torch.equal(ids, s["q_ids"]) and torch.equal(mask, s["q_mask"])
+        torch.testing.assert_close(read, stm)
+        assert not read.requires_grad  # the value loss must not train the memory
+        stm = model.update_memory(stm, s["ids"], s["mask"])
