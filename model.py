@@ -602,11 +602,12 @@ class ReactiveTransformer(nn.Module):
         n_masked = (targets != -100).sum().clamp(min=1)
         return unchunk(eds, chunks, dim=1, length=masked_ids.size(1)), ce / n_masked, right / n_masked
 
-    def decode(self, ids, memory, memory_mask=None, targets=None, attn_mask=None, chunks=None):
+    def decode(self, ids, memory, memory_mask=None, targets=None, attn_mask=None, chunks=None, keep_logits=True):
         """Next-token logits (B, T, V) reading memory (L, B, M, D) - the STM, or in joint pre-training the encoder's
         ED with its padding mask (B, M). Returns logits, the cross-entropy on targets (None without them) and the
         MoE balancing loss over the real tokens (attn_mask (B, T); every token counts without it).
-        chunks: see "Batches of rows of different lengths"; the logits are then 0 on the padding no chunk computed."""
+        chunks: see "Batches of rows of different lengths"; the logits are then 0 on the padding no chunk computed,
+        and put back in the batch's shape only if keep_logits (else None: a loss alone needs no copy of them)."""
         logits, ce, routing = [], 0.0, 0.0
         for rows, n in chunks or [(None, ids.size(1))]:
             mem, mem_mask = take(memory, rows, dim=1), take(memory_mask, rows)
@@ -621,7 +622,8 @@ class ReactiveTransformer(nn.Module):
             logits.append(lg)
             routing = routing + r
         loss = None if targets is None else ce / (targets != -100).sum().clamp(min=1)
-        return unchunk(logits, chunks, dim=0, length=ids.size(1)), loss, balancing_loss(routing)
+        logits = unchunk(logits, chunks, dim=0, length=ids.size(1)) if keep_logits or chunks is None else None
+        return logits, loss, balancing_loss(routing)
 
     def update_memory(self, stm, ids, attn_mask=None, chunks=None):
         """STM_t = MemAttn(STM_{t-1}, ED_t) for the full interaction `[BOS][Q] query [A] answer [EOS]`.

@@ -125,7 +125,8 @@ def smat_loss(model, turns, cfg, g):
             prev_ids, prev_mask, _ = turns[t - 1]
             stm = model.update_memory(stm.detach() if cfg["smat_detach_stm"] else stm, prev_ids, prev_mask,
                                       chunks[t - 1])
-        logits, loss, aux_loss = model.decode(ids, stm, targets=targets, attn_mask=attn_mask, chunks=chunks[t])
+        logits, loss, aux_loss = model.decode(ids, stm, targets=targets, attn_mask=attn_mask, chunks=chunks[t],
+                                              keep_logits=t == len(turns) - 1)  # the probe's, for its accuracy
         total = total + loss + cfg["smat_aux_weight"] * aux_loss
         if t == len(turns) - 1:  # the probe: teacher-forced accuracy of the recalled answer
             metrics.update(probe_loss=loss.detach(), probe_acc=token_accuracy(logits, targets))
