@@ -181,7 +181,7 @@ def rxt_turn(model, stm, query, device):
     """One RxT event: answer reading STM_{t-1} (prefill = up to the first token), then write the turn into memory."""
     sync(device)
     t0 = time.perf_counter()
-    tokens = engine.interact(model, query, stm, temperature=0, max_new_tokens=ANSWER_LEN)  # eos_id=None: exactly 32 tokens
+    tokens = engine.interact(model, query, stm, temperature=0, max_new_tokens=ANSWER_LEN)  # no eos_id: 32 tokens
     answer = [next(tokens)]
     sync(device)
     t1 = time.perf_counter()

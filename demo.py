@@ -2,7 +2,7 @@
 The offline demo in one command: build the memory world and its tokenizer, train the `nano` RxT through every
 stage of the curriculum on 2 CPU cores, evaluate its memory, write a report card, then chat with it.
 
-    python demo.py              # ~25 minutes on 2 CPU cores, then chat.py
+    python demo.py              # ~21 minutes on 2 CPU cores, then chat.py
     python demo.py --no-chat    # for scripts
     python demo.py --baseline   # then also train and evaluate the stateless baseline: the paper's comparison
     python demo.py --dmpo       # the last stage is DMPO (preferences through the memory) instead of MRL

@@ -86,11 +86,11 @@ def answer(model, tok, queries, memory, max_new_tokens):
         ids, attn_mask = pad_rows([render_dialogue(tok, history, prompt_len, query=q)[0]
                                    for history, q in zip(memory, queries)], tok.pad_id)
         ans, lengths = engine.generate(model, ids.to(device), attn_mask.to(device), max_new_tokens=max_new_tokens,
-                                      temperature=0, eos_id=tok.eos_id)
+                                       temperature=0, eos_id=tok.eos_id)
     else:
         ids, attn_mask = collate_queries(tok, queries, seq_len, max_new_tokens)
-        ans, lengths = engine.generate(model, ids.to(device), attn_mask.to(device), memory, max_new_tokens=max_new_tokens,
-                                      temperature=0, eos_id=tok.eos_id)
+        ans, lengths = engine.generate(model, ids.to(device), attn_mask.to(device), memory,
+                                       max_new_tokens=max_new_tokens, temperature=0, eos_id=tok.eos_id)
     return [tok.decode([t for t in ans[b, :lengths[b]].tolist() if t != tok.eos_id]) for b in range(len(queries))]
 
 

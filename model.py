@@ -630,8 +630,8 @@ class ReactiveTransformer(nn.Module):
         chunks: see "Batches of rows of different lengths"."""
         new = []
         for rows, n in chunks or [(None, ids.size(1))]:
-            s, mask = take(stm, rows, dim=1), None if attn_mask is None else take(attn_mask, rows)[:, :n]
-            new.append(self.memory_attention(s, self.encode(take(ids, rows)[:, :n], mask, s), mask))
+            old, mask = take(stm, rows, dim=1), None if attn_mask is None else take(attn_mask, rows)[:, :n]
+            new.append(self.memory_attention(old, self.encode(take(ids, rows)[:, :n], mask, old), mask))
         return unchunk(new, chunks, dim=1)
 
     def compile(self, **kwargs):

@@ -150,8 +150,8 @@ def dmpo_loss(model, reference, batch, cfg, tok, g):
         for i, b in enumerate(own):
             said = tok.decode([t for t in ans[i, :ans_len[i]].tolist() if t != tok.eos_id]).strip()
             rejected[b] = said if said and said != episodes[b]["gold"] else batch["fallback"][b]
-    pairs = {"w": turns[-1], "l": collate_interactions(tok, [{"query": q, "answer": a} for q, a in zip(probe, rejected)],
-                                                       cfg["seq_len"])}
+    wrong = [{"query": q, "answer": a} for q, a in zip(probe, rejected)]
+    pairs = {"w": turns[-1], "l": collate_interactions(tok, wrong, cfg["seq_len"])}  # accepted: the episode's probe
     if cfg["dmpo_anchor"] > 0:
         pairs["n"] = collate_interactions(tok, [{"query": q, "answer": cfg["dmpo_neutral"]} for q in probe],
                                           cfg["seq_len"])
@@ -160,7 +160,8 @@ def dmpo_loss(model, reference, batch, cfg, tok, g):
     with torch.no_grad():
         ref = {k: answer_logprob(reference, *v, stm.detach(), cfg["chunks"]) for k, v in pairs.items()}
     loss, margin = dpo_loss(policy["w"], policy["l"], ref["w"], ref["l"], cfg["dmpo_beta"])
-    metrics = {"dpo_loss": loss.detach(), "margin": margin.mean(), "pref_acc": (policy["w"] > policy["l"]).float().mean()}
+    metrics = {"dpo_loss": loss.detach(), "margin": margin.mean(),
+               "pref_acc": (policy["w"] > policy["l"]).float().mean()}  # the policy ranks the accepted answer first
     if "n" in pairs:  # anchored: the neutral answer stays where the reference had it
         anchor = (policy["n"] - ref["n"]).abs().mean()
         loss, metrics["anchor"] = loss + cfg["dmpo_anchor"] * anchor, anchor.detach()

@@ -68,8 +68,8 @@ RULES = dict(**{f"{p}_{k}": rule for p in PHASES for k, rule in (("curriculum", 
        "mrl_value_coef", "mrl_memory_reg", "mrl_kl_coef", "mrl_bleu_weight", "mrl_recall_weight", "mrl_cosine_weight")},
     dmpo_beta=cli.POSITIVE, dmpo_anchor=cli.at_least(0), dmpo_pairs=((lambda v: isinstance(v, dict) and set(v) <= set(
         REJECTED_KINDS) and all(w >= 0 for w in v.values()) and sum(v.values()) > 0), f"weights of {REJECTED_KINDS}"),
-    length_buckets=cli.at_least(1), mrl_max_answer=cli.at_least(1), mrl_ppo_epochs=cli.at_least(1), mrl_top_p=cli.between(0.01, 1),
-    mrl_temperature=cli.POSITIVE, mrl_clip_eps=cli.POSITIVE, mrl_reset_std=cli.POSITIVE)
+    length_buckets=cli.at_least(1), mrl_max_answer=cli.at_least(1), mrl_ppo_epochs=cli.at_least(1),
+    mrl_top_p=cli.between(0.01, 1), mrl_temperature=cli.POSITIVE, mrl_clip_eps=cli.POSITIVE, mrl_reset_std=cli.POSITIVE)
 
 
 def episode_batch(cfg, pools, split, step, curriculum, g):

@@ -314,8 +314,9 @@ def make_episodes(n, seed, distances=(1, 2, 4, 8, 16), kinds=("long-range", "cum
     n memory episodes {query, answer, interactions, gold, distance, kind, name, slot, thing, binding, rivals}.
     (query, answer) is the first turn (it tells the facts); interactions holds distance turns, the last being the
     probe, whose answer is the gold word. rivals: the wrong answers that matter, {"binding": the other person's
-    value, "overwrite": the value before the change}, where the episode has them. Kinds and distances cycle evenly. split="test" only asks for held-out (name, slot, value)
-    combinations (is_test), split="train" never does.
+    value, "overwrite": the value before the change}, where the episode has them. Kinds and distances cycle
+    evenly. split="test" only asks for held-out (name, slot, value) combinations (is_test), split="train" never
+    does.
     long-range: turn 1 tells the fact (and one more), distance - 1 turns about other people follow.
     cumulative: each of the distance turns before the probe tells one more fact about the person; the probe asks
                 for any of them (so the fact is between 1 and distance turns old).

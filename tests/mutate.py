@@ -46,7 +46,7 @@ IMPO = ["tests/test_rl_mechanics.py", "tests/test_mrl_fixes.py",
 SMAT = ["tests/test_chunks.py::test_smat_episode_in_chunks_gives_the_padded_loss_and_gradients",
         MRL + "test_unfreeze_schedule_controls_where_decoder_gradients_flow",
         "tests/test_mrl_fixes.py::test_smat_loss_decodes_the_first_turn_from_a_fresh_memory"]
-DMPO = ["tests/test_rl_mechanics.py", MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"]
+DMPO = ["tests/test_dmpo.py"]
 RECALL = [MRL + "test_smat_makes_recall_beat_the_reset_memory_control"]
 EVAL = ["tests/test_evaluation_rows.py", MRL + "test_memory_eval_reports_recall_and_control_by_distance",
         "tests/test_baseline.py::test_the_baseline_trains_and_is_evaluated_on_the_same_episodes"]
@@ -238,6 +238,18 @@ MUTATIONS = [
      "margin = beta * ((policy_w - ref_w) + (policy_l - ref_l))", DMPO, "dpo_loss: the rejected answer's term added"),
     ("rl.py", "for ids, attn_mask, _ in turns[:-1]:", "for ids, attn_mask, _ in turns:", DMPO,
      "dmpo writes the probe turn before scoring it (the answer leaks)"),
+    ("rl.py", "ref = {k: answer_logprob(reference, *v,", "ref = {k: answer_logprob(model, *v,", DMPO,
+     "dmpo: the reference is the policy itself"),
+    ("rl.py", "return logp.view(targets.shape).sum(dim=1)", "return logp.view(targets.shape).mean(dim=1)", DMPO,
+     "dmpo: answer log-probability averaged over every position"),
+    ("rl.py", 'pairs = {"w": turns[-1], "l": collate_interactions(tok, wrong, cfg["seq_len"])}',
+     'pairs = {"w": turns[-1], "l": turns[-1]}', DMPO, "dmpo: the rejected answer is the accepted one"),
+    ("rl.py", "loss, metrics[\"anchor\"] = loss + cfg[\"dmpo_anchor\"] * anchor, anchor.detach()",
+     "metrics[\"anchor\"] = anchor.detach()", DMPO, "dmpo: the anchor never joins the loss"),
+    ("rl.py", "rejected[b] = said if said and said != episodes[b][\"gold\"] else batch[\"fallback\"][b]",
+     "rejected[b] = batch[\"fallback\"][b]", DMPO, "dmpo: the model's own answers are never used"),
+    ("data/memory_world.py", "rivals[\"binding\"] = second[3]", "rivals[\"binding\"] = value", DMPO,
+     "world: the binding rival is the person's own value"),
 
     ("train_joint.py", "device=ed.device), 1)", "device=ed.device), -1)",
      [STAGES + "test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask"],

@@ -93,3 +93,21 @@ def test_smat_episode_in_chunks_gives_the_padded_loss_and_gradients():
         out.append((loss, metrics["probe_acc"], grads(model)))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and out[0][1] == out[1][1]
     assert_same(out[0][2], out[1][2])
+
+
+def test_joint_decode_reading_another_rows_ed_in_chunks_equals_the_padded_batch():
+    """Joint training and SFT: the decoder reads an encoded interaction with its padding mask - with ed_swap another
+    row's, of another length - so each chunk cuts that memory to its own longest row, never shorter."""
+    ids, attn_mask, targets = mixed_batch(LENGTHS)
+    chunks = length_chunks(attn_mask, overhead=8)
+    other = torch.roll(torch.arange(len(LENGTHS)), 1)  # each row reads the previous row's encoding (ed_swap)
+    out = []
+    for c in (None, chunks):
+        model = model_and_grads()
+        ed, mlm_loss, _ = model.mlm(ids, attn_mask, targets, c)
+        logits, loss, aux = model.decode(ids, ed.detach()[:, other], attn_mask[other], targets, attn_mask, c)
+        (loss + aux + mlm_loss).backward()
+        out.append((logits[attn_mask], loss, aux, grads(model)))
+    for a, b in zip(out[0][:3], out[1][:3]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert_same(out[0][3], out[1][3])
