@@ -19,3 +19,8 @@ mrl_curriculum = [[2], [4]]
 mrl_max_answer = 12
 eval_interval = 400
 eval_iters = 4
+# DMPO instead of MRL (python demo.py --dmpo, or --phases=smat,dmpo): measured from one SMAT checkpoint it did not beat
+# MRL (README, "DMPO or MRL"), so MRL stays the demo's last phase
+dmpo_iters = 80
+dmpo_lr = 5e-5
+dmpo_curriculum = [[1, 2, 4]]

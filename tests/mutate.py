@@ -37,6 +37,7 @@ JOINT_RUN = [STAGES + "test_mlm_and_joint_losses_fall_far_below_chance_and_accur
              STAGES + "test_joint_decoder_reads_the_encoded_memory"]
 BAD_SETTINGS = ["tests/test_bad_input.py::test_training_scripts_refuse_bad_settings_before_any_work"]
 MRL = "tests/test_mrl.py::"
+FORMULAS = "tests/test_formulas_and_options.py"
 BLEU = [MRL + "test_bleu_matches_a_plain_python_reference_on_random_sequences",
         MRL + "test_bleu_is_one_for_identical_and_zero_for_disjoint_answers"]
 IMPO = ["tests/test_rl_mechanics.py", "tests/test_mrl_fixes.py",
@@ -95,9 +96,9 @@ MUTATIONS = [
     ("model.py", "return (logits.argmax(dim=-1) == targets)[counted].float().mean()",
      "return (logits.argmax(dim=-1) == targets).float().mean()", MODEL, "token_accuracy counts ignored positions"),
     ("model.py", "logp_all.gather(-1, ids[:, 1:, None])", "logp_all.gather(-1, ids[:, :-1, None])",
-     ["tests/test_mrl_fixes.py", MRL + "test_impo_step_moves_the_policy_towards_rewarded_answers"],
+     MODEL + ["tests/test_mrl_fixes.py", MRL + "test_impo_step_moves_the_policy_towards_rewarded_answers"],
      "token_logprobs: off by one"),
-    ("model.py", '(self.gate_type in GATES, f"gate_type', '(True, f"gate_type', BAD_SETTINGS + MODEL,
+    ("model.py", '(self.gate_type in GATES, f"gate_type', '(True, f"gate_type', MODEL,
      "config: gate_type check removed"),
 
     ("engine.py", "self.len += T", "self.len = T", GENERATION, "kv cache: length reset instead of advanced"),
@@ -126,7 +127,7 @@ MUTATIONS = [
      RESUME, "resume: optimizer state not restored"),
     ("training.py", "+ step * 131 + rank", "+ step * 131", [STAGES + "test_each_rank_trains_on_its_own_batches"],
      "every rank draws the same batches"),
-    ("training.py", "flat /= world", "flat /= 1", [STAGES + "test_two_process_torchrun_trains_and_ranks_agree"],
+    ("training.py", "flat /= world", "flat /= 1", PLUMBING,
      "ddp: gradients summed, not averaged"),
     ("training.py", "no_decay = [p for p in params if p.dim() < 2]", "no_decay = [p for p in params if p.dim() < 1]",
      PLUMBING + ["tests/test_precision.py"], "optimizer: norms, biases and gates left out"),
@@ -205,17 +206,16 @@ MUTATIONS = [
     ("train_mrl.py", "prev_ids, prev_mask, _ = turns[t - 1]", "prev_ids, prev_mask, _ = turns[t]", SMAT + RECALL,
      "smat writes the current turn (its answer leaks)"),
     ("train_mrl.py", 'stm.detach() if cfg["smat_detach_stm"] else stm',
-     'stm if cfg["smat_detach_stm"] else stm.detach()', SMAT, "smat_detach_stm inverted"),
+     'stm if cfg["smat_detach_stm"] else stm.detach()', SMAT + [FORMULAS], "smat_detach_stm inverted"),
     ("train_mrl.py", '"encoder": step >= cfg["smat_unfreeze_encoder_at"] * n',
      '"encoder": step >= cfg["smat_unfreeze_memory_at"] * n', SMAT, "encoder unfrozen with the memory attention"),
     ("train_mrl.py", 'groups["encoder"], groups["memory_attention"]  # stm_init',
      'groups["memory_attention"], groups["encoder"]  # stm_init', SMAT,
      "embed and stm_init unfreeze schedules swapped"),
     ("train_mrl.py", "label = (1 - w) * stm + w * ed", "label = (1 - w) * new + w * ed",
-     [MRL + "test_memory_attention_pretraining_loss_falls"], "mem: the label is built from the model's own write"),
+     [MRL + "test_memory_attention_pretraining_loss_falls", FORMULAS], "mem: the label is built from the model's own write"),
     ("train_mrl.py", 'step * len(curriculum) // max(1, cfg["max_iters"])', 'step // max(1, cfg["max_iters"])',
-     ["tests/test_formulas_and_options.py::test_length_buckets_off_draws_the_episodes_in_file_order",
-      MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"], "curriculum stuck at its first entry"),
+     [FORMULAS, MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"], "curriculum stuck at its first entry"),
     ("train_mrl.py", 'init_from = os.path.join(pcfg["out_dir"], "ckpt.pt")', 'init_from = cfg["init_from"]',
      [MRL + "test_train_mrl_runs_every_phase_and_chains_checkpoints"], "phases do not chain: each starts afresh"),
 
@@ -256,7 +256,8 @@ MUTATIONS = [
      "ed_swap reads the next row, not the previous"),
     ("train_joint.py", "torch.where(swap[:, None], attn_mask[other], attn_mask))", "attn_mask)",
      [STAGES + "test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask"], "ed_swap keeps the row's own mask"),
-    ("train_joint.py", "memory, memory_mask = ed.detach(), attn_mask", "memory, memory_mask = ed, attn_mask", JOINT_RUN,
+    ("train_joint.py", "memory, memory_mask = ed.detach(), attn_mask", "memory, memory_mask = ed, attn_mask",
+     [STAGES + "test_joint_training_reads_a_detached_ed_so_only_the_mlm_loss_trains_the_encoder"],
      "joint: the decoder's loss shapes the encoder (missing detach)"),
 
     ("train_mlm.py", "attn_mask = ids != tok.pad_id", "attn_mask = ids == tok.pad_id", JOINT_RUN[:1],

@@ -4,6 +4,8 @@ RxT, re-reading the conversation instead of remembering it."""
 import math
 import os
 
+import torch
+
 import evaluate
 import train_baseline
 import training
@@ -35,3 +37,14 @@ def test_a_conversation_too_long_for_the_context_loses_its_oldest_turns_whole(wo
     text = tok.decode(ids)
     assert len(ids) <= 60 and text.startswith("[BOS][Q]") and text.endswith("Who are you?[A]")
     assert "Turn 9" in text and "Turn 0" not in text and len(answer) == len(ids)
+
+
+def test_the_baseline_learns_each_next_token(world, tmp_path, monkeypatch):
+    from conftest import tiny_flags
+    from model import StatelessDecoder
+    seen, real = [], StatelessDecoder.forward
+    monkeypatch.setattr(StatelessDecoder, "forward", lambda self, ids, targets=None: seen.append((ids, targets)) or real(
+        self, ids, targets))
+    train_baseline.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1, eval_interval=1))
+    ids, targets = seen[0]
+    assert torch.equal(targets[:, :-1], ids[:, 1:]) and (targets[:, -1] == -100).all()

@@ -55,3 +55,11 @@ def test_bench_smat_compares_padded_and_chunked_steps_on_the_world(tmp_path, wor
     assert smat["padded_episodes_per_s"] > 0 and smat["chunks_episodes_per_s"] > 0
     for phase in smat["real_share"].values():  # chunks compute less padding, never more
         assert 0 < phase["padded"] <= phase["chunks"] <= 1
+
+
+def test_attention_score_flops_count_the_causal_half_of_two_matmuls():
+    sys.path.insert(0, ROOT)
+    import bench
+    # QK^T and AV for B=1, one head, T=4, hd=2: 2 matmuls x 2 FLOPs per multiply-add x 4 x 4 x 2, half of it causal
+    assert bench.score_flops(1, 1, 4, 2) == 2 * 2 * 4 * 4 * 2 // 2 == 64
+    assert bench.score_flops(2, 3, 8, 16) == 3 * 2 * bench.score_flops(1, 1, 8, 16)

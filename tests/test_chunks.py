@@ -2,6 +2,7 @@
 outputs and gradients - only the padding is no longer computed."""
 
 import torch
+import torch.nn.functional as F
 
 import train_mrl
 from data.loaders import computed_positions, length_chunks, pad_rows
@@ -61,6 +62,8 @@ def test_decode_in_chunks_gives_the_padded_loss_balancing_loss_and_gradients():
         (loss + aux).backward()
         out.append((logits, loss, aux, grads(model)))
     (l0, loss0, aux0, g0), (l1, loss1, aux1, g1) = out
+    # the loss is the mean over the counted targets only (the query and the padding do not count)
+    torch.testing.assert_close(loss0, F.cross_entropy(l0.flatten(0, 1), targets.flatten(), ignore_index=-100))
     assert torch.allclose(loss0, loss1, atol=1e-6) and torch.allclose(aux0, aux1, atol=1e-6)
     assert torch.allclose(l0[attn_mask], l1[attn_mask], atol=1e-5)  # every real position, in the batch's order
     assert_same(g0, g1)

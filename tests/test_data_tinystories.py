@@ -115,6 +115,9 @@ def test_iter_stories_splits_on_endoftext_across_chunks(tmp_path):
     write_stories(path, STORIES)
     assert list(iter_stories(path, chunk=7)) == STORIES  # tiny chunks cut separators and emoji in two
     assert list(iter_stories(path)) == STORIES
+    with open(path, "w", encoding="utf-8") as f:  # a file that does not end with a separator keeps its last story
+        f.write(f"\n{SEPARATOR}\n".join(STORIES))
+    assert list(iter_stories(path, chunk=7)) == STORIES
 
 
 def test_bin_holds_bos_story_eos_per_story(tmp_path, tok):

@@ -3,6 +3,7 @@ memory chain, a frozen reference, pairs from the world, and a tiny world where i
 
 import math
 import os
+import re
 from copy import deepcopy
 
 import pytest
@@ -72,8 +73,11 @@ def test_the_world_records_each_episodes_rivals():
     eps = make_episodes(300, seed=3)
     for ep in eps:
         assert ep["gold"] not in ep["rivals"].values()
-        if "binding" in ep["rivals"]:  # the other person's value, told in turn 1
-            assert ep["binding"] and ep["rivals"]["binding"] in ep["query"]
+        if ep["binding"] and ep["kind"] != "overwrite":
+            assert "binding" in ep["rivals"]
+        if "binding" in ep["rivals"]:  # the other person's value, told in turn 1 in a sentence about them
+            told = [s for s in ep["query"].split(". ") if re.search(rf"\b{re.escape(ep['rivals']['binding'])}\b", s)]
+            assert ep["binding"] and told and all(ep["name"] not in s for s in told)
         if "overwrite" in ep["rivals"]:
             assert ep["kind"] == "overwrite" and ep["rivals"]["overwrite"] != ep["gold"]
     assert sum("binding" in ep["rivals"] for ep in eps) > 30 and sum("overwrite" in ep["rivals"] for ep in eps) > 30
@@ -162,3 +166,29 @@ def test_the_dmpo_phase_runs_from_a_checkpoint_and_needs_one(world, tmp_path):
     assert training.load_checkpoint(str(tmp_path / "dmpo" / "ckpt.pt"))["stage"] == "dmpo"
     with pytest.raises(cli.ConfigError):
         train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path / "x"), phases="dmpo"))
+
+
+def test_an_answers_log_probability_is_the_sum_over_its_tokens(world):
+    tok, model = setup(world)
+    eps = colour_binding(4, seed=2)
+    ids, mask, targets = episode_tensors(tok, eps, 64, "cpu")[-1]
+    stm = model.new_memory(4, generator=torch.Generator().manual_seed(0))
+    logits = model.decode(ids, stm)[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    counted = targets != -100
+    want = torch.stack([logp[b][counted[b]].gather(-1, targets[b][counted[b]][:, None]).sum() for b in range(4)])
+    torch.testing.assert_close(rl.answer_logprob(model, ids, mask, targets, stm), want, atol=1e-4, rtol=1e-4)
+
+
+def test_own_rejected_answers_are_the_models_greedy_answers(world, monkeypatch):
+    import engine
+    tok, model = setup(world)
+    eps = colour_binding(3, seed=4)
+    wrong = tok.encode("zebra") + [tok.eos_id]
+    monkeypatch.setattr(engine, "generate", lambda m, ids, *a, **kw: (torch.tensor([wrong] * ids.size(0)),
+                                                                      torch.full((ids.size(0),), len(wrong))))
+    seen, real = [], rl.collate_interactions
+    monkeypatch.setattr(rl, "collate_interactions", lambda t, records, n: seen.append(records) or real(t, records, n))
+    rl.dmpo_loss(model, deepcopy(model), batch_of(tok, eps, {"own": 1.0}), dict(train_mrl.DEFAULTS, seq_len=64), tok,
+                 torch.Generator().manual_seed(0))
+    assert [r["answer"] for r in seen[0]] == ["zebra"] * 3

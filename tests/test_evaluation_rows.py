@@ -1,9 +1,11 @@
 """The evaluation measures what its rows say: two hand-made episodes and a scripted model whose every row can be
 worked out by hand (the model's answers and writes are the only thing replaced)."""
 
+import math
 import os
 import re
 
+import pytest
 import torch
 
 import engine
@@ -58,6 +60,7 @@ def test_recall_binding_and_chat_flow_rows_on_two_episodes_worked_out_by_hand(mo
     # recall writes the reference answers; the chat flow writes the model's own ("ok"), as chat.py does
     answers = [[r["answer"] for r in w] for w in writes]
     assert ["Got it.", "Got it."] in answers and ["ok", "ok"] in answers
+    assert not any(r["query"].endswith("?") for w in writes for r in w)  # the question is asked, never written first
 
 
 def test_the_stateless_baseline_answers_with_the_whole_history_in_its_prompt(monkeypatch, world):
@@ -75,3 +78,30 @@ def test_the_stateless_baseline_answers_with_the_whole_history_in_its_prompt(mon
     evaluate.answer(model, tok, ["What colour is Mia's ball?"], history, 4)
     want = render_dialogue(tok, [PLAIN], model.cfg.seq_len - 4 - 1, query="What colour is Mia's ball?")[0]
     assert prompts == [[want]] and tok.encode("Mia has a red ball.")[0] in want
+
+
+def test_answers_are_compared_without_case_or_punctuation():
+    from scores import normalize
+    assert normalize("Paul.") == normalize("paul") == "paul" and normalize(" Red! ") == "red"
+    assert normalize("Paul") != normalize("Pauline")
+
+
+def test_chance_is_one_over_the_values_the_slot_can_take():
+    names = SLOTS["friend"]["values"]
+    assert evaluate.chance({"slot": "friend"}) == 1 / (len(names) - 1)  # nobody is their own best friend
+    assert evaluate.chance({"slot": "food"}) == 1 / len(SLOTS["food"]["values"])
+
+
+def test_answer_perplexity_weighs_every_answer_token_the_same(world):
+    """Batches hold different numbers of answer tokens: the perplexity is over tokens, not a mean of batch means."""
+    from data.memory_world import read_jsonl
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    torch.manual_seed(0)
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, stm_init_std=0.0)))
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_test.jsonl")) if ep["distance"] == 1][:3]
+    cfg = dict(evaluate.DEFAULTS, distances=[1], n_per_distance=3)
+    batched = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=2))  # batches of 2 and 1 episodes
+    alone = [evaluate.answer_tokens(model, tok, [ep], dict(cfg, batch_size=1)) for ep in eps]
+    nll = sum(math.log(a["ppl"]) * a["tokens"] for a in alone) / sum(a["tokens"] for a in alone)
+    assert batched["tokens"] == sum(a["tokens"] for a in alone)
+    assert math.log(batched["ppl"]) == pytest.approx(nll, rel=1e-4)

@@ -37,6 +37,9 @@ def test_balancing_loss_on_routing_statistics_worked_out_by_hand():
     # layers are averaged; a second, uniform layer scores 1
     two = torch.cat([stats, torch.tensor([[[2.0, 2.0], [2.0, 2.0]]])])
     assert M.balancing_loss(two).item() == pytest.approx((1.125 + 1.0) / 2)
+    # top-2 of 2 experts, 3 tokens: 6 routing slots, but P_e is a mean over the 3 tokens (mass 3 in all)
+    top2 = torch.tensor([[[3.0, 3.0], [2.0, 1.0]]])
+    assert M.balancing_loss(top2).item() == pytest.approx(2 * (0.5 * 2 / 3 + 0.5 * 1 / 3))
 
 
 def test_routing_statistics_count_every_slot_and_a_unit_of_probability_per_real_token():
@@ -159,3 +162,51 @@ def test_every_numeric_setting_refuses_a_wrong_type_and_a_negative_value(script)
                 mod.main([f"--{key}={bad}"] + elsewhere)
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("bad", [dict(gate_type="sigmoid"), dict(memory_attention="cross"), dict(stm_init="zeros"),
+                                 dict(top_k=5), dict(n_q_heads=3), dict(d_model=100), dict(memory_heads=-1)])
+def test_a_model_config_the_code_does_not_implement_is_refused(bad):
+    with pytest.raises(ValueError, match="ModelConfig"):
+        M.get_config("nano", **bad)
+
+
+def test_the_curriculum_steps_through_its_entries_over_the_phase():
+    episodes = [{"distance": d, "query": "q", "answer": "a", "interactions": []} for d in (1, 2) * 30]
+    pools = episode_pools(episodes, n_val=4)
+    cfg = dict(train_mrl.DEFAULTS, batch_size=8, max_iters=10, length_buckets=1)
+    for step, d in ((0, 1), (4, 1), (5, 2), (9, 2)):
+        batch = train_mrl.episode_batch(cfg, pools, "train", step, [[1], [2]], torch.Generator().manual_seed(step))
+        assert {ep["distance"] for ep in batch} == {d}, step
+
+
+def test_smat_detaches_each_writes_input_only_when_asked(monkeypatch):
+    """smat_detach_stm=True: turn t's loss trains the write of turn t-1 but not the earlier ones (the write's input
+    is detached); False: back-propagation through the whole episode."""
+    torch.manual_seed(0)
+    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))
+    turns = [(torch.randint(3, 64, (2, 6)), torch.ones(2, 6, dtype=torch.bool), torch.randint(3, 64, (2, 6)))
+             for _ in range(3)]
+    inputs, real = [], model.update_memory
+    monkeypatch.setattr(model, "update_memory", lambda stm, *a: inputs.append(stm.requires_grad) or real(stm, *a))
+    for detach, want in ((True, [False, False]), (False, [False, True])):  # a fresh noise STM needs no grad
+        inputs.clear()
+        train_mrl.smat_loss(model, turns, dict(train_mrl.DEFAULTS, smat_detach_stm=detach),
+                            torch.Generator().manual_seed(0))
+        assert inputs == want, detach
+
+
+def test_memory_pretraining_pulls_the_write_towards_a_mix_of_the_old_memory_and_the_new_data(monkeypatch):
+    torch.manual_seed(0)
+    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))
+    S = model.cfg.stm_size
+    ids, mask = torch.randint(3, 64, (2, S)), torch.ones(2, S, dtype=torch.bool)
+    stm0 = model.new_memory(2, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(model, "new_memory", lambda *a, **kw: stm0)
+    cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.0)
+    loss, _ = train_mrl.memory_pretrain_loss(model, [(ids, mask, None)], cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ed = model.encode(ids, mask)
+        new = model.memory_attention(stm0, ed, mask)
+        want = -torch.nn.functional.cosine_similarity(new, 0.1 * stm0 + 0.9 * ed, dim=-1).mean()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)

@@ -193,7 +193,8 @@ def test_greedy_generation_equals_argmax_of_full_forward_passes():
     assert got == seq[0, 7:].tolist()
 
 
-def test_batched_generation_with_right_padding_matches_one_by_one():
+def test_batched_generation_with_right_padding_matches_one_by_one(monkeypatch):
+    """Each row of a right-padded batch gets the tokens - and the logits, position by position - it gets alone."""
     m = tiny_model()
     stm = m.new_memory(2)
     q0, q1 = torch.randint(0, 97, (9,)), torch.randint(0, 97, (5,))
@@ -201,11 +202,17 @@ def test_batched_generation_with_right_padding_matches_one_by_one():
     ids[0], ids[1, :5] = q0, q1
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[0], mask[1, :5] = True, True
+    seen, sample = [], engine.sample_next
+    monkeypatch.setattr(engine, "sample_next", lambda logits, *a, **kw: seen.append(logits.clone()) or sample(
+        logits, *a, **kw))
     tokens, lengths = engine.generate(m, ids, mask, stm, max_new_tokens=12, temperature=0)
+    batched = torch.stack(seen, dim=1)  # (2, 12, V)
     assert tokens.shape == (2, 12) and lengths.tolist() == [12, 12]
     for b, q in enumerate([q0, q1]):
+        seen.clear()
         alone = list(engine.interact(m, q, stm[:, b:b + 1], temperature=0, max_new_tokens=12))
         assert tokens[b].tolist() == alone
+        torch.testing.assert_close(batched[b], torch.cat(seen), atol=1e-4, rtol=1e-4)
 
 
 def test_stm_slots_are_a_set():
@@ -435,6 +442,18 @@ def test_token_loss_and_accuracy_on_hand_built_logits():
     want = -(F.log_softmax(logits[0, :2], -1)[[0, 1], [2, 0]]).mean()
     torch.testing.assert_close(model.token_loss(logits, targets), want)
     assert model.token_accuracy(logits, targets).item() == 0.5
+
+
+def test_token_logprobs_score_each_next_token_and_the_entropy_of_each_prediction():
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 0, 2] = logits[0, 1, 1] = 10.0  # position 0 predicts 2, position 1 predicts 1
+    logits[0, 2] = 0.0  # the last position predicts nothing
+    ids = torch.tensor([[0, 2, 3]])  # what follows position 0 is 2 (predicted), after position 1 it is 3 (not)
+    logp, entropy = model.token_logprobs(logits, ids)
+    want = F.log_softmax(logits[0, :2], -1)[[0, 1], [2, 3]]
+    torch.testing.assert_close(logp[0], want)
+    assert logp[0, 0].item() > -1e-6 and logp[0, 1].item() < -10
+    assert entropy.shape == (1, 2) and entropy.max().item() < 1e-3  # confident predictions: almost no entropy
 
 
 def test_mlm_loss_is_the_head_cross_entropy_on_masked_positions_only():

@@ -59,7 +59,7 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
         return out
 
     def reward_fn(model, ans, ans_len, ref_ids, ref_mask, is_probe, cfg, tok):
-        refs.append((ref_ids, ref_mask))
+        refs.append((ref_ids, ref_mask, is_probe))
         return torch.zeros(ans.size(0))
 
     monkeypatch.setattr(model, "update_memory", update)
@@ -72,7 +72,8 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
         for b in range(len(eps)):
             q = int(s["q_mask"][b].sum())
             assert s["ids"][b, q:q + int(ans_len[b])].tolist() == ans[b, :int(ans_len[b])].tolist()
-    for (ref_ids, ref_mask), t in zip(refs, (1, 2)):
+    assert [probe for _, _, probe in refs] == [False, True]  # only the last turn is the question (recall reward)
+    for (ref_ids, ref_mask, _), t in zip(refs, (1, 2)):
         for b, ep in enumerate(eps):
             answer = episode_turns(ep)[t]["answer"]
             assert ref_ids[b][ref_mask[b]].tolist() == tok.encode(answer) + [tok.eos_id]

@@ -157,3 +157,18 @@ def test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask():
     swapped = [b for b in range(6) if torch.equal(half[:, b], ed[:, b - 1]) and torch.equal(half_mask[b], mask[b - 1])]
     kept = [b for b in range(6) if torch.equal(half[:, b], ed[:, b]) and torch.equal(half_mask[b], mask[b])]
     assert swapped and kept and len(swapped) + len(kept) == 6
+
+
+def test_joint_training_reads_a_detached_ed_so_only_the_mlm_loss_trains_the_encoder(world, tmp_path, monkeypatch):
+    from model import ReactiveTransformer
+    reads, real = [], ReactiveTransformer.decode
+
+    def decode(self, ids, memory, *args, **kw):
+        reads.append(memory.requires_grad)
+        return real(self, ids, memory, *args, **kw)
+
+    monkeypatch.setattr(ReactiveTransformer, "decode", decode)
+    for sft in (False, True):
+        train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path / str(sft)), max_iters=2, eval_iters=1,
+                                    eval_interval=2, sft=sft, ed_swap=0.5))
+    assert reads and not any(reads)

@@ -82,3 +82,46 @@ def test_missing_corrupt_and_wrong_shape_checkpoints_give_one_line_errors(tmp_pa
     with pytest.raises(cli.CheckpointError, match="does not fit") as e:
         training.load_weights(other, training.load_checkpoint(path)["model"], path)
     assert "\n" not in str(e.value)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg())
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, m, stage="joint", step=1, cfg={})
+    real_save = torch.save
+
+    def crash(obj, f, *a, **kw):  # half a file, then the machine goes down
+        real_save({"partial": torch.zeros(3)}, f, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint(path, m, stage="joint", step=2, cfg={})
+    assert training.load_checkpoint(path)["step"] == 1
+
+
+def test_data_parallel_gradients_are_the_mean_over_ranks(monkeypatch):
+    """With two ranks whose gradients are equal, the all-reduce sums them; update() must divide by the world size,
+    so that the step is the one a single process takes (AdamW alone would hide a doubled gradient: check the grads)."""
+    grads = {}
+    for world in (1, 2):
+        torch.manual_seed(0)
+        m = ReactiveTransformer(tiny_cfg())
+        params = list(m.parameters())
+        cfg = dict(training.TRAIN_DEFAULTS, grad_clip=1e9)
+        opt = training.make_optimizer(params, cfg, torch.device("cpu"))
+        monkeypatch.setattr(training.dist, "all_reduce", lambda t: t.mul_(world))  # world equal ranks, summed
+        loss = m.decode(torch.randint(3, 50, (2, 6)), m.new_memory(2, generator=torch.Generator().manual_seed(1)))[0]
+        training.update(params, opt, loss.pow(2).mean(), 0, cfg, world=world)
+        grads[world] = [p.grad.clone() for p in params if p.grad is not None]
+    assert all(torch.allclose(a, b) for a, b in zip(grads[1], grads[2])) and grads[1]
+
+
+def test_the_optimizer_trains_every_parameter_and_decays_only_matrices():
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg(gate_type="per-slot"))
+    opt = training.make_optimizer(m.parameters(), dict(training.TRAIN_DEFAULTS), torch.device("cpu"))
+    groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert set().union(*groups.values()) == {id(p) for p in m.parameters()}  # norms, biases and gates too
+    assert groups[0.0] == {id(p) for p in m.parameters() if p.dim() < 2}
