@@ -88,6 +88,8 @@ def comparison(rxt, base, final="mrl"):
             for d in rxt["recall"] if rxt["recall"][d] and base["recall"].get(d)]
     rows += [("binding, d=" + d, f"{rxt['binding'][d]['recall']:.1%}", f"{base['binding'][d]['recall']:.1%}")
              for d in rxt["binding"] if rxt["binding"][d] and base["binding"].get(d)]
+    rows += [(f"span ({layout}): facts kept at 90%", str(n), str(base["span_kept"][layout]))
+             for layout, n in rxt.get("span_kept", {}).items() if layout in base.get("span_kept", {})]
     rows += [("in-context", f"{rxt['in_context']['recall']:.1%}", f"{base['in_context']['recall']:.1%}"),
              ("answer perplexity", f"{rxt['answer_tokens']['ppl']:.3f}", f"{base['answer_tokens']['ppl']:.3f}"),
              ("answer accuracy", f"{rxt['answer_tokens']['acc']:.1%}", f"{base['answer_tokens']['acc']:.1%}"),

@@ -6,11 +6,13 @@ reset just before the probe - and the chance level of guessing among the slot's 
 
   recall      by distance (turns between the fact and the question), all episode kinds, and per kind:
               long-range (the probe returns to turn 1), cumulative (facts build up), overwrite (latest value wins)
-  binding     the episodes whose first turn gives the same slot to two people ("Ruby's favourite food is pizza.
-              Lucy's favourite food is pie." ... "What is Lucy's favourite food?")
+  binding     the long-range episodes whose first turn gives the same slot to two people ("Ruby's favourite food is
+              pizza. Lucy's favourite food is pie." ... "What is Lucy's favourite food?"), nothing changed later
   chat flow   the same episodes as `recall`, but every earlier turn is written with the model's *own* greedy
               answer, as chat.py writes it
   in-context  two people, one slot and the question in one message, fresh memory: the decoder's own ceiling
+  span        k facts (k = 1, 2, 4, 8), one per turn or all in one turn, about one person or several, then a
+              question about one of them: the number of facts the STM keeps is the largest k recalled >= 90%
 
     python evaluate.py --ckpt=out/nano/mrl/ckpt.pt [--distances=[1,2,4,8] --n_per_distance=200]
 """
@@ -35,6 +37,8 @@ DEFAULTS = dict(
     data_dir="data/cache/world",
     episodes_file="episodes_test.jsonl",
     incontext_file="incontext_test.jsonl",
+    span_file="span_test.jsonl",
+    n_span=100,  # episodes per (layout, k) of the span rows
     distances=[1, 2, 4, 8],
     n_per_distance=200,  # episodes per distance for `recall` and `chat flow` (binding: all of that distance)
     chat_flow=True,
@@ -159,16 +163,34 @@ def score(model, tok, episodes, cfg, **kw):
     return result
 
 
-def evaluate_memory(model, tok, episodes, incontext, cfg):
-    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "answer_tokens": {...}}"""
-    results = {"recall": {}, "binding": {}, "chat_flow": {}}
+def kept(per_k, level=0.9):
+    """The largest k such that every k' <= k is recalled at least at level (0: not even one fact)."""
+    n = 0
+    for k in sorted(per_k):
+        if per_k[k]["recall"] < level:
+            break
+        n = k
+    return n
+
+
+def evaluate_memory(model, tok, episodes, incontext, cfg, span=()):
+    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "span": {layout: {k: ...}},
+    "span_kept": {layout: k}, "answer_tokens": {...}}"""
+    results = {"recall": {}, "binding": {}, "chat_flow": {}, "span": {}, "span_kept": {}}
     for d in cfg["distances"]:
         eps = [ep for ep in episodes if ep["distance"] == d]
         results["recall"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg)
-        results["binding"][d] = score(model, tok, [ep for ep in eps if ep.get("binding")], cfg)
+        # binding alone: an overwrite episode's "Now ..." names the person once more, which makes it easier
+        results["binding"][d] = score(model, tok, [ep for ep in eps if ep.get("binding") and
+                                                   ep["kind"] == "long-range"], cfg)
         if cfg["chat_flow"]:
             results["chat_flow"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg, own_answers=True)
     results["in_context"] = score(model, tok, incontext, cfg)
+    for layout in dict.fromkeys(ep["layout"] for ep in span):
+        ks = sorted({ep["k"] for ep in span if ep["layout"] == layout})
+        results["span"][layout] = {k: score(model, tok, [ep for ep in span if ep["layout"] == layout and ep["k"] == k]
+                                            [:cfg["n_span"]], cfg) for k in ks}
+        results["span_kept"][layout] = kept(results["span"][layout])
     results["answer_tokens"] = answer_tokens(model, tok, episodes, cfg)
     return results
 
@@ -198,6 +220,10 @@ def format_table(results):
     if ic:
         lines.append(f"in-context (one message, fresh memory): {ic['recall']:.1%} of {ic['n']} "
                      f"(chance {ic['chance']:.1%})")
+    for layout, per_k in results.get("span", {}).items():
+        lines.append(f"span, {layout + ':':<26}" + "  ".join(
+            f"k={k} {r['recall']:.1%} ({r['reset_control']:.1%})" for k, r in per_k.items()) +
+            f"  -> keeps {results['span_kept'][layout]}")
     a = results.get("answer_tokens")
     if a:
         lines.append(f"answer tokens of every turn, teacher-forced: perplexity {a['ppl']:.3f}, accuracy {a['acc']:.1%} "
@@ -208,7 +234,7 @@ def format_table(results):
 def main(argv):
     cfg = cli.configure(DEFAULTS, argv)
     cli.check(cfg, distances=cli.DISTANCES, seed=cli.at_least(0), **{k: cli.at_least(1) for k in (
-        "n_per_distance", "batch_size", "max_answer", "max_turn_answer")})
+        "n_per_distance", "n_span", "batch_size", "max_answer", "max_turn_answer")})
     cli.check_device(cfg["device"])
     cli.require_files(cfg["data_dir"], [cfg["episodes_file"]])
     model, tok, ckpt = training.load_for_inference(cfg["ckpt"], training.resolve_device(cfg["device"]))
@@ -221,7 +247,9 @@ def main(argv):
                               f"{model.cfg.seq_len}-token interactions")
     ic_path = os.path.join(cfg["data_dir"], cfg["incontext_file"])
     incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
-    results = evaluate_memory(model, tok, episodes, incontext, cfg)
+    span_path = os.path.join(cfg["data_dir"], cfg["span_file"])  # worlds built before the span rows have none
+    span = read_jsonl(span_path) if os.path.isfile(span_path) else []
+    results = evaluate_memory(model, tok, episodes, incontext, cfg, span)
     print(f"memory of {cfg['ckpt']} (stage {ckpt['stage']}, step {ckpt['step']}) on {cfg['episodes_file']}, greedy, "
           f"exact match:")
     print(format_table(results))

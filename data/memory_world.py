@@ -129,7 +129,7 @@ def make_story(rng, names=NAMES, p=None):
               f"{q} asked, \"What colour is your {toy}?\" {p} said, \"It is {colour}.\"",
               f"{q} asked, \"Where are you going?\" {p} said, \"To the {place2}.\"",
               f"{q} asked, \"How many {things} do you have?\" {p} said, \"I have {n}.\"",
-              f"The sun was warm and the sky was blue.",
+              "The sun was warm and the sky was blue.",
               f"Then it started to rain, so {p} and {q} went home.",
               f"{p} lost the {toy}, but {q} helped to find it.",
               f"The {animal} ran to the {place2} and {p} ran after it.",
@@ -209,6 +209,37 @@ def make_incontext(n, seed, split="test"):
     for _ in range(n):
         r = binding_question(rng, split)
         out.append(dict(r, interactions=[], gold=r["answer"], distance=0, kind="in-context", binding=True))
+    return out
+
+
+SPAN_LAYOUTS = ("turns, one person", "turns, several people", "one turn, one person", "one turn, several people")
+
+
+def make_span(n, seed, ks=(1, 2, 4, 8), split="test", **style):
+    """
+    Span episodes: k facts, then a question about one of them; how many facts does the STM keep? n per (layout, k).
+    Layouts: the facts come one per turn (the probe follows the k-th turn) or all k in the first turn; they are all
+    about one person, or each about a different person (who may share a slot: binding matters).
+    """
+    rng, out = random.Random(seed), []
+    for layout in SPAN_LAYOUTS:
+        for k in ks:
+            for _ in range(n):
+                while True:
+                    people = [rng.choice(NAMES)] * k if "one person" in layout else rng.sample(NAMES, k)
+                    keys = rng.sample(KEYS, k)  # a person never gets two values for one (slot, thing)
+                    facts = [(p, slot, x, random_value(rng, p, slot)) for p, (slot, x) in zip(people, keys)]
+                    i = rng.randrange(k)  # the probed fact
+                    p, slot, x, gold = facts[i]
+                    if is_test(p, slot, gold) == (split == "test"):
+                        break
+                texts = [fact_text(*f) for f in facts]
+                turns = [tell_turn(rng, texts, **style)] if layout.startswith("one turn") else \
+                    [tell_turn(rng, [t], **style) for t in texts]
+                out.append({"query": turns[0]["query"], "answer": turns[0]["answer"],
+                            "interactions": turns[1:] + [{"query": probe_text(p, slot, x), "answer": gold}],
+                            "gold": gold, "distance": len(turns), "kind": "span", "layout": layout, "k": k,
+                            "name": p, "slot": slot, "thing": x, "binding": False, "rivals": {}})
     return out
 
 
@@ -361,8 +392,9 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
                 vocab_size=2048, val_fraction=0.05, **style):
     """
     Write stories.txt, interactions.jsonl, episodes_train.jsonl, episodes_test.jsonl, incontext_test.jsonl,
-    tokenizer.tiktoken (trained on all of that text) and train.bin / val.bin of the stories. Files that exist are
-    kept (resumable). style: how the world talks (acks_only, binding; see tell_turn).
+    span_test.jsonl, tokenizer.tiktoken (trained on the stories, interactions and episodes) and train.bin / val.bin
+    of the stories. Files that exist are kept (resumable). style: how the world talks (acks_only, binding; see
+    tell_turn).
     """
     # imported here so that the generator above needs nothing but the stdlib
     from data.tinystories import SEPARATOR, iter_stories, tokenize_to_bin
@@ -381,7 +413,9 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
             # the test split asks the same questions whatever the training data's binding share
             ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test",
                                                           **dict(style, binding=0.0))),
-            ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test"))]
+            ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test")),
+            ("span_test.jsonl", lambda: make_span(max(1, n_test_episodes // 20), seed + 5, split="test",
+                                                  **dict(style, binding=0.0)))]
     for name, make in jobs:
         if not os.path.exists(path(name)):
             write_jsonl(make(), path(name))

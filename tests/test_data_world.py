@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from data.loaders import episode_turns
-from data.memory_world import (NAMES, SLOTS, articles, build_world, is_test, make_episodes, make_incontext,
-                               make_interactions, make_stories, probe_text, read_jsonl, write_jsonl)
+from data.memory_world import (NAMES, SLOTS, SPAN_LAYOUTS, articles, build_world, is_test, make_episodes,
+                               make_incontext, make_interactions, make_span, make_stories, probe_text, read_jsonl,
+                               write_jsonl)
 from data.tokenizer import Tokenizer
 
 DISTANCES = (1, 2, 4, 8, 16)
@@ -124,7 +125,7 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "world")
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
     names = ["stories.txt", "interactions.jsonl", "episodes_train.jsonl", "episodes_test.jsonl",
-             "incontext_test.jsonl", "tokenizer.tiktoken", "train.bin", "val.bin"]
+             "incontext_test.jsonl", "span_test.jsonl", "tokenizer.tiktoken", "train.bin", "val.bin"]
     assert sorted(os.listdir(out)) == sorted(names)
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
     assert tok.vocab_size == 400
@@ -158,3 +159,19 @@ def test_episodes_mark_the_binding_case():
         slot_things = SLOTS[ep["slot"]]["fact"].split("{p}")[1].split("{v}")[0].format(x=ep["thing"]).strip()
         others = [n for n in NAMES if n != ep["name"] and n in ep["query"]]
         assert ep["kind"] != "cumulative" and others and slot_things in ep["query"]
+
+
+def test_span_episodes_tell_k_facts_in_each_layout_and_ask_for_one_held_out():
+    episodes = make_span(20, seed=5, ks=(1, 3, 8))
+    assert len(episodes) == 4 * 3 * 20
+    for ep in episodes:
+        turns = episode_turns(ep)
+        told = [f for t in turns[:-1] for f in re.split(r"(?<=\.) ", t["query"])]
+        assert len(told) == ep["k"] and ep["layout"] in SPAN_LAYOUTS
+        assert len(turns) - 1 == (1 if ep["layout"].startswith("one turn") else ep["k"]) == ep["distance"]
+        people = {n for f in told for n in re.findall(r"\w+", f)[:1]}
+        assert len(people) == (1 if "one person" in ep["layout"] else ep["k"])
+        assert turns[-1]["query"] == probe_text(ep["name"], ep["slot"], ep["thing"]) and turns[-1]["answer"] == ep["gold"]
+        assert stated_values(" ".join(told), ep["name"], ep["slot"], ep["thing"]) == [ep["gold"]]
+        assert is_test(ep["name"], ep["slot"], ep["gold"])
+    assert all(not is_test(ep["name"], ep["slot"], ep["gold"]) for ep in make_span(5, seed=5, split="train"))

@@ -21,6 +21,8 @@ PLAIN = {"query": "Mia has a red ball.", "answer": "Got it.", "distance": 1, "go
 BINDING = {"query": "Tom has a blue kite. Ann has a green kite.", "answer": "Got it.", "distance": 1, "gold": "green",
            "kind": "long-range", "slot": "colour", "binding": True,
            "interactions": [{"query": "What colour is Ann's kite?", "answer": "green"}]}
+# binding with a change: not in the binding row ("Now Ann's kite is ..." names her once more)
+CHANGED = dict(BINDING, kind="overwrite", query="Ann has a pink kite. Tom has a blue kite. Now Ann's kite is green.")
 
 
 def scripted(monkeypatch, writes):
@@ -50,16 +52,16 @@ def test_recall_binding_and_chat_flow_rows_on_two_episodes_worked_out_by_hand(mo
     writes = []
     scripted(monkeypatch, writes)
     cfg = dict(evaluate.DEFAULTS, distances=[1])
-    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING], [BINDING], cfg)
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING, CHANGED], [BINDING], cfg)
     recall, binding, flow = results["recall"][1], results["binding"][1], results["chat_flow"][1]
-    assert recall["n"] == 2 and recall["recall"] == 0.5 and recall["reset_control"] == 0.0
-    assert recall["chance"] == 1 / len(SLOTS["colour"]["values"]) and recall["by_kind"]["long-range"] == 0.5
-    assert binding["n"] == 1 and binding["recall"] == 0.0  # only the binding episode, which the model gets wrong
-    assert flow["n"] == 2 and flow["recall"] == 0.5 and "reset_control" not in flow
+    assert recall["n"] == 3 and recall["recall"] == 1 / 3 and recall["reset_control"] == 0.0
+    assert recall["chance"] == pytest.approx(1 / len(SLOTS["colour"]["values"])) and recall["by_kind"]["long-range"] == 0.5
+    assert binding["n"] == 1 and binding["recall"] == 0.0  # only the clean binding episode, which the model gets wrong
+    assert flow["n"] == 3 and flow["recall"] == 1 / 3 and "reset_control" not in flow
     assert results["in_context"]["recall"] == 0.0
     # recall writes the reference answers; the chat flow writes the model's own ("ok"), as chat.py does
     answers = [[r["answer"] for r in w] for w in writes]
-    assert ["Got it.", "Got it."] in answers and ["ok", "ok"] in answers
+    assert ["Got it."] * 3 in answers and ["ok"] * 3 in answers
     assert not any(r["query"].endswith("?") for w in writes for r in w)  # the question is asked, never written first
 
 
@@ -105,3 +107,34 @@ def test_answer_perplexity_weighs_every_answer_token_the_same(world):
     nll = sum(math.log(a["ppl"]) * a["tokens"] for a in alone) / sum(a["tokens"] for a in alone)
     assert batched["tokens"] == sum(a["tokens"] for a in alone)
     assert math.log(batched["ppl"]) == pytest.approx(nll, rel=1e-4)
+
+
+def span_episode(layout, facts, gold, probe):
+    turns = [" ".join(facts)] if layout.startswith("one turn") else facts
+    return {"query": turns[0], "answer": "Got it.", "distance": len(turns), "gold": gold, "kind": "span",
+            "layout": layout, "k": len(facts), "slot": "colour",
+            "interactions": [{"query": t, "answer": "Got it."} for t in turns[1:]] + [{"query": probe, "answer": gold}]}
+
+
+def test_span_rows_recall_by_layout_and_k_and_count_the_facts_kept(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    scripted(monkeypatch, [])  # answers with the first colour told
+    q = "What colour is Mia's kite?"
+    span = [span_episode("turns, one person", ["Mia has a red kite."], "red", q),
+            span_episode("turns, one person", ["Mia has a red kite.", "Mia has a blue car."], "red", q),
+            span_episode("turns, one person", ["Mia has a pink car.", "Mia has a red kite."], "red", q),
+            span_episode("one turn, one person", ["Mia has a red kite."], "red", q),
+            span_episode("one turn, one person", ["Mia has a red kite.", "Mia has a blue car."], "red", q)]
+    results = evaluate.evaluate_memory(model, tok, [PLAIN], [], dict(evaluate.DEFAULTS, distances=[1]), span)
+    turns, one = results["span"]["turns, one person"], results["span"]["one turn, one person"]
+    assert sorted(turns) == [1, 2] and turns[1]["recall"] == 1.0 and turns[2]["recall"] == 0.5
+    assert turns[2]["n"] == 2 and turns[2]["reset_control"] == 0.0 and one[2]["recall"] == 1.0
+    assert results["span_kept"] == {"turns, one person": 1, "one turn, one person": 2}
+
+
+def test_facts_kept_is_the_largest_k_with_every_smaller_k_at_90_percent():
+    rows = lambda *r: {k: {"recall": v} for k, v in zip((1, 2, 4, 8), r)}
+    assert evaluate.kept(rows(1.0, 0.95, 0.9, 0.5)) == 4
+    assert evaluate.kept(rows(1.0, 0.5, 0.95, 0.95)) == 1  # a gap stops the count
+    assert evaluate.kept(rows(0.89, 1.0, 1.0, 1.0)) == 0
