@@ -11,6 +11,8 @@ reset just before the probe - and the chance level of guessing among the slot's 
   chat flow   the same episodes as `recall`, but every earlier turn is written with the model's *own* greedy
               answer, as chat.py writes it
   in-context  two people, one slot and the question in one message, fresh memory: the decoder's own ceiling
+  paraphrase  the recall episodes reworded in phrasings training never uses: the questions only, and the facts and
+              the questions (data/memory_world.py, PHRASINGS)
   span        k facts (k = 1, 2, 4, 8), one per turn or all in one turn, about one person or several, then a
               question about one of them: the number of facts the STM keeps is the largest k recalled >= 90%
 
@@ -38,6 +40,8 @@ DEFAULTS = dict(
     episodes_file="episodes_test.jsonl",
     incontext_file="incontext_test.jsonl",
     span_file="span_test.jsonl",
+    paraphrase_questions_file="paraphrase_questions_test.jsonl",  # the questions reworded
+    paraphrase_file="paraphrase_test.jsonl",  # the facts and the questions reworded
     n_span=100,  # episodes per (layout, k) of the span rows
     distances=[1, 2, 4, 8],
     n_per_distance=200,  # episodes per distance for `recall` and `chat flow` (binding: all of that distance)
@@ -108,7 +112,8 @@ def play(model, tok, episodes, cfg, reset_before_probe=False, own_answers=False)
         batch = episodes[i:i + cfg["batch_size"]]
         turns = [episode_turns(ep) for ep in batch]
         memory = fresh_memory(model, len(batch), g)
-        for t in range(len(turns[0]) - 1):
+        # the control's writes would be thrown away at the reset: skip them (the generator draws the same noise)
+        for t in range(0 if reset_before_probe else len(turns[0]) - 1):
             records = [tr[t] for tr in turns]
             if own_answers:
                 said = answer(model, tok, [r["query"] for r in records], memory, cfg["max_turn_answer"])
@@ -173,10 +178,13 @@ def kept(per_k, level=0.9):
     return n
 
 
-def evaluate_memory(model, tok, episodes, incontext, cfg, span=()):
-    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "span": {layout: {k: ...}},
-    "span_kept": {layout: k}, "answer_tokens": {...}}"""
-    results = {"recall": {}, "binding": {}, "chat_flow": {}, "span": {}, "span_kept": {}}
+def evaluate_memory(model, tok, episodes, incontext, cfg, span=(), paraphrases=None):
+    """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "paraphrase": {name: {d: ...}},
+    "span": {layout: {k: ...}}, "span_kept": {layout: k}, "answer_tokens": {...}}. paraphrases: {name: episodes}."""
+    results = {"recall": {}, "binding": {}, "chat_flow": {}, "paraphrase": {}, "span": {}, "span_kept": {}}
+    for name, eps in (paraphrases or {}).items():
+        results["paraphrase"][name] = {d: score(model, tok, [ep for ep in eps if ep["distance"] == d]
+                                                [:cfg["n_per_distance"]], cfg) for d in cfg["distances"]}
     for d in cfg["distances"]:
         eps = [ep for ep in episodes if ep["distance"] == d]
         results["recall"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg)
@@ -216,6 +224,8 @@ def format_table(results):
     add("  reset control", [cell(b[d], "reset_control") for d in distances])
     if results["chat_flow"]:
         add("chat flow (own answers)", [cell(results["chat_flow"].get(d)) for d in distances])
+    for name, per_d in results.get("paraphrase", {}).items():
+        add(f"paraphrased {name}", [cell(per_d.get(d)) for d in distances])
     ic = results["in_context"]
     if ic:
         lines.append(f"in-context (one message, fresh memory): {ic['recall']:.1%} of {ic['n']} "
@@ -249,7 +259,11 @@ def main(argv):
     incontext = read_jsonl(ic_path) if os.path.isfile(ic_path) else []
     span_path = os.path.join(cfg["data_dir"], cfg["span_file"])  # worlds built before the span rows have none
     span = read_jsonl(span_path) if os.path.isfile(span_path) else []
-    results = evaluate_memory(model, tok, episodes, incontext, cfg, span)
+    # the recall episodes reworded (worlds built before the paraphrase rows have none)
+    files = {"questions": cfg["paraphrase_questions_file"], "facts+questions": cfg["paraphrase_file"]}
+    paraphrases = {name: read_jsonl(os.path.join(cfg["data_dir"], f)) for name, f in files.items()
+                   if os.path.isfile(os.path.join(cfg["data_dir"], f))}
+    results = evaluate_memory(model, tok, episodes, incontext, cfg, span, paraphrases)
     print(f"memory of {cfg['ckpt']} (stage {ckpt['stage']}, step {ckpt['step']}) on {cfg['episodes_file']}, greedy, "
           f"exact match:")
     print(format_table(results))

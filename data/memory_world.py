@@ -58,6 +58,40 @@ SLOTS = {
     "friend": dict(things=[None], values=NAMES, fact="{p}'s best friend is {v}.",
                    change=["Now {p}'s best friend is {v}."], probe="Who is {p}'s best friend?"),
 }
+# More ways to say each fact and ask each question. The world's own phrasing is the slot's "fact" / "probe";
+# "varied" training worlds also use the first list; the second list is held out: only the paraphrase rows of the
+# evaluation use it, so they measure whether the memory holds the fact rather than the sentence.
+PHRASINGS = {
+    "colour": dict(facts=["{p}'s {x} is {v}.", "The {x} of {p} is {v}."],
+                   facts_held_out=["{p} owns a {v} {x}.", "{p} keeps a {v} {x} at home."],
+                   probes=["Which colour is {p}'s {x}?", "What is the colour of {p}'s {x}?"],
+                   probes_held_out=["Tell me the colour of {p}'s {x}.", "{p}'s {x} is which colour?"]),
+    "pet": dict(facts=["{p}'s {x} is called {v}.", "The name of {p}'s {x} is {v}."],
+                facts_held_out=["{p} owns a {x} named {v}.", "{p} looks after a {x} whose name is {v}."],
+                probes=["What is {p}'s {x} called?", "What did {p} call the {x}?"],
+                probes_held_out=["Tell me the name of {p}'s {x}.", "{p}'s {x} has which name?"]),
+    "food": dict(facts=["{p} likes {v} best.", "The food {p} likes most is {v}."],
+                 facts_held_out=["{p} loves eating {v} more than anything.", "Of all foods, {p} prefers {v}."],
+                 probes=["Which food does {p} like best?", "What does {p} like to eat most?"],
+                 probes_held_out=["Tell me {p}'s favourite food.", "What food does {p} love most of all?"]),
+    "place": dict(facts=["{p} is at the {v} today.", "You can find {p} at the {v}."],
+                  facts_held_out=["{p} is spending the day at the {v}.", "{p} went to the {v} and stayed there."],
+                  probes=["Where is {p} today?", "At which place is {p}?"],
+                  probes_held_out=["Tell me where {p} is.", "{p} is at which place?"]),
+    "count": dict(facts=["The number of {x} {p} has is {v}.", "{p} collected {v} {x}."],
+                  facts_held_out=["{p} counted {v} {x} in the box.", "There are {v} {x} in {p}'s bag."],
+                  probes=["What is the number of {x} {p} has?", "How many {x} has {p} got?"],
+                  probes_held_out=["Tell me how many {x} {p} has.", "{p} has how many {x}?"]),
+    "friend": dict(facts=["{v} is {p}'s best friend.", "The best friend of {p} is {v}."],
+                   facts_held_out=["{p} likes {v} more than any other friend.", "{p} calls {v} the best friend ever."],
+                   probes=["Who is the best friend of {p}?", "Which kid is {p}'s best friend?"],
+                   probes_held_out=["Tell me the name of {p}'s best friend.", "{p}'s best friend is who?"]),
+}
+# canonical: the world's own sentences only; varied: those and PHRASINGS' training lists (drawn with the world's rng);
+# held-out: PHRASINGS' held-out lists only, picked by a hash of the fact, so that a held-out test file has the same
+# draws as its canonical twin; held-out-questions: only the questions held out
+PHRASING_MODES = ("canonical", "varied", "held-out", "held-out-questions")
+
 KEYS = [(slot, x) for slot, spec in SLOTS.items() for x in spec["things"]]  # every (slot, thing) a person can have
 
 ACKS = ["That is nice.", "How fun!", "I will remember that.", "Good to know.", "Okay!", "Thank you for telling me.",
@@ -82,14 +116,29 @@ def articles(text):
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
 
 
-def fact_text(p, slot, x, v, change=False, rng=None):
-    spec = SLOTS[slot]
-    template = rng.choice(spec["change"]) if change else spec["fact"]
+def phrase(own, varied, held_out, phrasing, rng, key):
+    """One template for a sentence: the world's own, one of the varied (rng) or one of the held-out (hash of key)."""
+    if phrasing == "varied":
+        return rng.choice([own] + varied)
+    if phrasing == "held-out":
+        return held_out[hashlib.md5("|".join(map(str, key)).encode()).digest()[0] % len(held_out)]
+    return own
+
+
+def fact_text(p, slot, x, v, change=False, rng=None, phrasing="canonical"):
+    spec, more = SLOTS[slot], PHRASINGS[slot]
+    if change:  # a change is told in several ways already ("Now ...", "... painted the ...")
+        template = rng.choice(spec["change"])
+    else:
+        template = phrase(spec["fact"], more["facts"], more["facts_held_out"], phrasing, rng, (p, slot, x, v))
     return articles(template.format(p=p, x=x, v=v))
 
 
-def probe_text(p, slot, x):
-    return SLOTS[slot]["probe"].format(p=p, x=x)
+def probe_text(p, slot, x, rng=None, phrasing="canonical"):
+    more = PHRASINGS[slot]
+    phrasing = "held-out" if phrasing == "held-out-questions" else phrasing
+    return phrase(SLOTS[slot]["probe"], more["probes"], more["probes_held_out"], phrasing, rng, (p, slot, x)).format(
+        p=p, x=x)
 
 
 def random_value(rng, p, slot, avoid=(), people=NAMES):
@@ -170,21 +219,22 @@ def story_turn(rng, names=NAMES):
     return {"query": f"Tell me a story about {p}.", "answer": make_story(rng, names, p)}
 
 
-def question_turn(rng, names=NAMES, split="train", binding=0.0, **_):
+def question_turn(rng, names=NAMES, split="train", binding=0.0, phrasing="canonical", **_):
     """Facts and a question about one of them, answerable from the query alone; the answer is one word."""
     if binding and rng.random() < binding:
-        r = binding_question(rng, split, names)
+        r = binding_question(rng, split, names, phrasing)
         return {"query": r["query"], "answer": r["answer"]}
     while True:
         facts = [random_fact(rng, names) for _ in range(rng.randint(1, 3))]
         p, slot, x, v = rng.choice(facts)
         if is_test(p, slot, v) == (split == "test") and len({(f[0], f[1], f[2]) for f in facts}) == len(facts):
             break
-    query = " ".join(fact_text(*f) for f in facts) + " " + probe_text(p, slot, x)
+    query = " ".join(fact_text(*f, rng=rng, phrasing=phrasing) for f in facts) + " " + probe_text(p, slot, x, rng,
+                                                                                                   phrasing)
     return {"query": query, "answer": v}
 
 
-def binding_question(rng, split="train", names=NAMES):
+def binding_question(rng, split="train", names=NAMES, phrasing="canonical"):
     """Two people with the same slot and different values in one message, then a question about one of them:
     answerable from the message alone, if the model binds each value to its person."""
     while True:
@@ -195,9 +245,9 @@ def binding_question(rng, split="train", names=NAMES):
         vq = random_value(rng, q, slot, avoid=(vp, p))
         if is_test(p, slot, vp) == (split == "test"):
             break
-    facts = [fact_text(p, slot, x, vp), fact_text(q, slot, x, vq)]
+    facts = [fact_text(p, slot, x, vp, rng=rng, phrasing=phrasing), fact_text(q, slot, x, vq, rng=rng, phrasing=phrasing)]
     rng.shuffle(facts)
-    return {"query": " ".join(facts) + " " + probe_text(p, slot, x), "answer": vp, "name": p, "slot": slot,
+    return {"query": " ".join(facts) + " " + probe_text(p, slot, x, rng, phrasing), "answer": vp, "name": p, "slot": slot,
             "thing": x}
 
 
@@ -215,7 +265,7 @@ def make_incontext(n, seed, split="test"):
 SPAN_LAYOUTS = ("turns, one person", "turns, several people", "one turn, one person", "one turn, several people")
 
 
-def make_span(n, seed, ks=(1, 2, 4, 8), split="test", **style):
+def make_span(n, seed, ks=(1, 2, 4, 8), split="test", phrasing="canonical", **style):
     """
     Span episodes: k facts, then a question about one of them; how many facts does the STM keep? n per (layout, k).
     Layouts: the facts come one per turn (the probe follows the k-th turn) or all k in the first turn; they are all
@@ -233,11 +283,12 @@ def make_span(n, seed, ks=(1, 2, 4, 8), split="test", **style):
                     p, slot, x, gold = facts[i]
                     if is_test(p, slot, gold) == (split == "test"):
                         break
-                texts = [fact_text(*f) for f in facts]
+                texts = [fact_text(*f, rng=rng, phrasing=phrasing) for f in facts]
                 turns = [tell_turn(rng, texts, **style)] if layout.startswith("one turn") else \
                     [tell_turn(rng, [t], **style) for t in texts]
                 out.append({"query": turns[0]["query"], "answer": turns[0]["answer"],
-                            "interactions": turns[1:] + [{"query": probe_text(p, slot, x), "answer": gold}],
+                            "interactions": turns[1:] + [{"query": probe_text(p, slot, x, rng, phrasing),
+                                                          "answer": gold}],
                             "gold": gold, "distance": len(turns), "kind": "span", "layout": layout, "k": k,
                             "name": p, "slot": slot, "thing": x, "binding": False, "rivals": {}})
     return out
@@ -248,16 +299,17 @@ def chat_turn(rng):
     return {"query": query, "answer": answer}
 
 
-def make_interactions(n, seed, **style):
+def make_interactions(n, seed, phrasing="canonical", **style):
     """n single-turn {query, answer} records: telling facts, questions answerable from the query, stories, chat."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         r = rng.random()
         if r < 0.3:
-            out.append(tell_turn(rng, [fact_text(*random_fact(rng, NAMES)) for _ in range(rng.randint(1, 2))], **style))
+            facts = [random_fact(rng, NAMES) for _ in range(rng.randint(1, 2))]
+            out.append(tell_turn(rng, [fact_text(*f, rng=rng, phrasing=phrasing) for f in facts], **style))
         elif r < 0.7:
-            out.append(question_turn(rng, **style))
+            out.append(question_turn(rng, phrasing=phrasing, **style))
         elif r < 0.85:
             out.append(story_turn(rng))
         else:
@@ -268,20 +320,21 @@ def make_interactions(n, seed, **style):
 # ----------------------------------------------------------------------------------------------------------------
 # memory episodes (memory-attention pre-training, SMAT, MRL, evaluation)
 
-def distractor_turn(rng, names, **style):
+def distractor_turn(rng, names, phrasing="canonical", **style):
     """A turn about other people (names excludes the probed person), or a story, or chat."""
     r = rng.random()
     if r < 0.45:
-        return tell_turn(rng, [fact_text(*random_fact(rng, names)) for _ in range(rng.randint(1, 2))], **style)
+        facts = [random_fact(rng, names) for _ in range(rng.randint(1, 2))]
+        return tell_turn(rng, [fact_text(*f, rng=rng, phrasing=phrasing) for f in facts], **style)
     if r < 0.75:
         # the split of a distractor's question does not matter: it is answered from its own query
-        return question_turn(rng, names, split="test" if rng.random() < 0.2 else "train", **style)
+        return question_turn(rng, names, split="test" if rng.random() < 0.2 else "train", phrasing=phrasing, **style)
     if r < 0.9:
         return story_turn(rng, names)
     return chat_turn(rng)
 
 
-def make_episode(rng, d, kind, split, **style):
+def make_episode(rng, d, kind, split, phrasing="canonical", **style):
     """One episode, or None when the random draw does not fit the split (the caller draws again)."""
     p = rng.choice(NAMES)
     others = [q for q in NAMES if q != p]
@@ -289,8 +342,8 @@ def make_episode(rng, d, kind, split, **style):
     if kind == "cumulative":
         # every turn before the probe adds one fact about p; the probe asks for one of them
         facts = [(p, slot, x, random_value(rng, p, slot)) for slot, x in rng.sample(KEYS, min(d, len(KEYS)))]
-        turns = [tell_turn(rng, [fact_text(*f)], **style) for f in facts]
-        turns += [distractor_turn(rng, others, **style) for _ in range(d - len(turns))]  # only if d > len(KEYS)
+        turns = [tell_turn(rng, [fact_text(*f, rng=rng, phrasing=phrasing)], **style) for f in facts]
+        turns += [distractor_turn(rng, others, phrasing, **style) for _ in range(d - len(turns))]  # only if d > len(KEYS)
         eligible = [(slot, x, v) for _, slot, x, v in facts if is_test(p, slot, v) == (split == "test")]
         if not eligible:
             return None
@@ -302,12 +355,12 @@ def make_episode(rng, d, kind, split, **style):
         x = rng.choice(SLOTS[slot]["things"])
         slot2, x2 = rng.choice([k for k in KEYS if k != (slot, x)])
         value = random_value(rng, p, slot)
-        first = [fact_text(p, slot, x, value)]
+        first = [fact_text(p, slot, x, value, rng=rng, phrasing=phrasing)]
         # a second fact in turn 1: another fact about p, or the same slot for someone else (binding matters)
         q = rng.choice(others)
         second = (p, slot2, x2, random_value(rng, p, slot2)) if rng.random() < 0.5 else \
             (q, slot, x, random_value(rng, q, slot, people=others))
-        first.insert(rng.randint(0, 1), fact_text(*second))
+        first.insert(rng.randint(0, 1), fact_text(*second, rng=rng, phrasing=phrasing))
         binding = second[0] != p and second[3] != value  # two people, one slot, two values: whose was it?
         if binding:
             rivals["binding"] = second[3]  # the other person's value
@@ -330,11 +383,11 @@ def make_episode(rng, d, kind, split, **style):
             rivals["overwrite"] = seen[-2]  # the value before the last change
         rivals = {k: v for k, v in rivals.items() if v != gold}  # a change can give p the other person's value
         turns[0] = tell_turn(rng, first, **style)
-        turns = [t or distractor_turn(rng, others, **style) for t in turns]
+        turns = [t or distractor_turn(rng, others, phrasing, **style) for t in turns]
     if is_test(p, slot, gold) != (split == "test"):
         return None
     return {"query": turns[0]["query"], "answer": turns[0]["answer"],
-            "interactions": turns[1:] + [{"query": probe_text(p, slot, x), "answer": gold}],
+            "interactions": turns[1:] + [{"query": probe_text(p, slot, x, rng, phrasing), "answer": gold}],
             "gold": gold, "distance": d, "kind": kind, "name": p, "slot": slot, "thing": x, "binding": binding,
             "rivals": rivals}
 
@@ -392,9 +445,9 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
                 vocab_size=2048, val_fraction=0.05, **style):
     """
     Write stories.txt, interactions.jsonl, episodes_train.jsonl, episodes_test.jsonl, incontext_test.jsonl,
-    span_test.jsonl, tokenizer.tiktoken (trained on the stories, interactions and episodes) and train.bin / val.bin
-    of the stories. Files that exist are kept (resumable). style: how the world talks (acks_only, binding; see
-    tell_turn).
+    span_test.jsonl, paraphrase_test.jsonl, paraphrase_questions_test.jsonl, tokenizer.tiktoken (trained on the
+    stories, interactions and episodes) and train.bin / val.bin of the stories. Files that exist are kept
+    (resumable). style: how the world talks (acks_only, binding, phrasing; see tell_turn and PHRASING_MODES).
     """
     # imported here so that the generator above needs nothing but the stdlib
     from data.tinystories import SEPARATOR, iter_stories, tokenize_to_bin
@@ -412,10 +465,15 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
             ("episodes_train.jsonl", lambda: make_episodes(n_episodes, seed + 2, split="train", **style)),
             # the test split asks the same questions whatever the training data's binding share
             ("episodes_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test",
-                                                          **dict(style, binding=0.0))),
+                                                          **dict(style, binding=0.0, phrasing="canonical"))),
             ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test")),
             ("span_test.jsonl", lambda: make_span(max(1, n_test_episodes // 20), seed + 5, split="test",
-                                                  **dict(style, binding=0.0)))]
+                                                  **dict(style, binding=0.0, phrasing="canonical"))),
+            # the test episodes again, reworded in phrasings that training never uses (the same draws)
+            ("paraphrase_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test",
+                                                            **dict(style, binding=0.0, phrasing="held-out"))),
+            ("paraphrase_questions_test.jsonl", lambda: make_episodes(
+                n_test_episodes, seed + 3, split="test", **dict(style, binding=0.0, phrasing="held-out-questions")))]
     for name, make in jobs:
         if not os.path.exists(path(name)):
             write_jsonl(make(), path(name))
@@ -451,6 +509,8 @@ def main(argv):
                         "acknowledgement (default: the acknowledgement only)")
     parser.add_argument("--binding", type=float, default=0.5, help="share of training question turns that are binding "
                         "questions (two people, one slot)")
+    parser.add_argument("--phrasing", default="canonical", choices=["canonical", "varied"], help="varied: training "
+                        "facts and questions also come in other phrasings (never the paraphrase rows' held-out ones)")
     args = parser.parse_args(argv)
     # every distance (5) and kind (3) at least twice, so that the validation split has each
     cli.check(vars(args), n_stories=cli.at_least(100), n_interactions=cli.at_least(50),
@@ -460,7 +520,8 @@ def main(argv):
         raise cli.UserError(f"--out_dir {args.out_dir} is a file, not a folder")
     t0 = time.time()
     build_world(args.out_dir, args.seed, args.n_stories, args.n_interactions, args.n_episodes,
-                args.n_test_episodes, args.vocab_size, acks_only=not args.echo, binding=args.binding)
+                args.n_test_episodes, args.vocab_size, acks_only=not args.echo, binding=args.binding,
+                phrasing=args.phrasing)
     print(f"memory world ready in {args.out_dir} ({time.time() - t0:.1f}s):")
     for name in sorted(os.listdir(args.out_dir)):
         print(f"  {name:24s} {os.path.getsize(os.path.join(args.out_dir, name)) / 1e6:8.2f} MB")

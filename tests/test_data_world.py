@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.loaders import episode_turns
-from data.memory_world import (NAMES, SLOTS, SPAN_LAYOUTS, articles, build_world, is_test, make_episodes,
+from data.memory_world import (NAMES, PHRASINGS, SLOTS, SPAN_LAYOUTS, articles, build_world, is_test, make_episodes,
                                make_incontext, make_interactions, make_span, make_stories, probe_text, read_jsonl,
                                write_jsonl)
 from data.tokenizer import Tokenizer
@@ -125,7 +125,8 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "world")
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
     names = ["stories.txt", "interactions.jsonl", "episodes_train.jsonl", "episodes_test.jsonl",
-             "incontext_test.jsonl", "span_test.jsonl", "tokenizer.tiktoken", "train.bin", "val.bin"]
+             "incontext_test.jsonl", "span_test.jsonl", "paraphrase_test.jsonl", "paraphrase_questions_test.jsonl",
+             "tokenizer.tiktoken", "train.bin", "val.bin"]
     assert sorted(os.listdir(out)) == sorted(names)
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
     assert tok.vocab_size == 400
@@ -175,3 +176,35 @@ def test_span_episodes_tell_k_facts_in_each_layout_and_ask_for_one_held_out():
         assert stated_values(" ".join(told), ep["name"], ep["slot"], ep["thing"]) == [ep["gold"]]
         assert is_test(ep["name"], ep["slot"], ep["gold"])
     assert all(not is_test(ep["name"], ep["slot"], ep["gold"]) for ep in make_span(5, seed=5, split="train"))
+
+
+def templates(kind):
+    """Regexes of the sentences of one kind of PHRASINGS, any person, thing and value."""
+    return [re.compile(re.escape(t).replace(r"\{p\}", r"\w+").replace(r"\{x\}", r"\w+").replace(r"\{v\}", r"\w+")
+                       .replace(r"\ a\ ", r"\ an?\ ")) for spec in PHRASINGS.values() for t in spec[kind]]
+
+
+def test_paraphrase_rows_reword_the_test_episodes_with_phrasings_training_never_uses():
+    style = dict(acks_only=True, binding=0.0)
+    own = make_episodes(150, seed=6, split="test", **style)
+    reworded = make_episodes(150, seed=6, split="test", phrasing="held-out", **style)
+    questions = make_episodes(150, seed=6, split="test", phrasing="held-out-questions", **style)
+    held_facts, held_probes = templates("facts_held_out"), templates("probes_held_out")
+    for a, b, c in zip(own, reworded, questions):
+        key = lambda ep: (ep["name"], ep["slot"], ep["thing"], ep["gold"], ep["distance"], ep["kind"])
+        assert key(a) == key(b) == key(c)  # the same draws
+        probe_b, probe_c = b["interactions"][-1]["query"], c["interactions"][-1]["query"]
+        assert probe_b == probe_c != a["interactions"][-1]["query"] and any(t.fullmatch(probe_b) for t in held_probes)
+        assert c["query"] == a["query"] and b["query"] != a["query"]  # facts reworded in one, kept in the other
+        assert any(t.search(b["query"]) for t in held_facts) and ep_answerable(b)
+    training = make_episodes(300, seed=7, phrasing="varied", **style) + make_interactions(300, 7, phrasing="varied")
+    text = " ".join(s for r in training for s in [r["query"], r["answer"]] +
+                    [x for t in r.get("interactions", []) for x in (t["query"], t["answer"])])
+    assert not any(t.search(text) for t in held_facts + held_probes)  # training never sees a held-out phrasing
+    assert sum(bool(t.search(text)) for t in templates("facts") + templates("probes")) >= 20  # it does see the varied
+
+
+def ep_answerable(ep):
+    """The gold word is stated in the episode's first turn or a later one (a change), as a whole word."""
+    told = " ".join([ep["query"]] + [t["query"] for t in ep["interactions"][:-1]])
+    return ep["gold"] in re.findall(r"\w+", told)

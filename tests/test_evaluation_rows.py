@@ -138,3 +138,19 @@ def test_facts_kept_is_the_largest_k_with_every_smaller_k_at_90_percent():
     assert evaluate.kept(rows(1.0, 0.95, 0.9, 0.5)) == 4
     assert evaluate.kept(rows(1.0, 0.5, 0.95, 0.95)) == 1  # a gap stops the count
     assert evaluate.kept(rows(0.89, 1.0, 1.0, 1.0)) == 0
+
+
+def test_paraphrase_rows_score_the_reworded_episodes_by_distance(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    scripted(monkeypatch, [])  # finds "has a <colour>": the world's own fact; a reworded fact gives it nothing
+    reworded = dict(PLAIN, query="Mia owns a red ball.", interactions=[{"query": "Tell me the colour of Mia's ball.",
+                                                                       "answer": "red"}])
+    far = dict(PLAIN, distance=2, interactions=[{"query": "Hi!", "answer": "Hello!"}] + PLAIN["interactions"])
+    paraphrases = {"questions": [dict(PLAIN, interactions=reworded["interactions"]), far], "facts+questions": [reworded]}
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, far], [], dict(evaluate.DEFAULTS, distances=[1, 2]),
+                                       paraphrases=paraphrases)
+    questions, both = results["paraphrase"]["questions"], results["paraphrase"]["facts+questions"]
+    assert questions[1]["n"] == 1 and questions[1]["recall"] == 0.0  # the scripted model only answers "...?"
+    assert questions[2]["recall"] == 1.0 and both[1]["recall"] == 0.0 and both[2] is None
+    assert "paraphrased questions" in evaluate.format_table(results)
