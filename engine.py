@@ -91,6 +91,12 @@ class FastStep:
                      read=[(k[:, :p + 1].transpose(1, 2), v[:, :p + 1]) for p in positions.tolist()],
                      router=gain(layer.norm3) * moe.router.weight.t(), g3=gain(layer.norm3)[:, 0], k=moe.top_k,
                      w1=moe.w_gate_up, w2=moe.w_down, w1s=moe.w_gate_up.unbind(0), w2s=moe.w_down.unbind(0))
+            if moe.b_gate_up is not None:  # expert biases (converted checkpoints): each expert's first bias becomes
+                # the last row of its first matrix, met by a 1 appended to the token's input; the second is added
+                w1 = torch.cat([moe.w_gate_up, moe.b_gate_up[:, None]], dim=1)  # (E, D + 1, 2H)
+                L.update(w1=w1, w1s=w1.unbind(0), one=w1.new_ones(B, 1), b_down=moe.b_down)
+            if moe.out_bias is not None:
+                L["moe_out_b"] = moe.out_bias
             if ca is not None:  # the memory's K/V are fixed for the turn
                 cq = gain(layer.norm2) * ca.qkv_proj.weight[:ca.n_q * hd].t()
                 L.update(c_out=ca.out_proj.weight.t(), c_out_b=ca.out_proj.bias, c_heads=(B * ca.n_kv, -1, hd),
@@ -99,7 +105,10 @@ class FastStep:
                          # scaled up front unless QK-norm comes between projection and scale
                          cq=cq if c_rot is not None or ca.q_norm is not None else cq * hd ** -0.5)
             self.layers.append(L)
-        self.head, self.head_b, self.g = decoder.lm_head.weight.t(), decoder.lm_head.bias, gain(decoder.norm)[:, 0]
+        self.head, self.head_b = decoder.lm_head.weight.t(), decoder.lm_head.bias
+        norm = decoder.norm  # cfg.final_norm: an RMSNorm (ours), a LayerNorm or none (converted checkpoints)
+        self.g = gain(norm)[:, 0] if isinstance(norm, torch.nn.RMSNorm) else None
+        self.final_norm = norm if isinstance(norm, torch.nn.LayerNorm) else None
         self.hd, self.start = hd, start
         # copying k experts' weights per token (the gather) costs more than the matmuls on a CPU
         self.views = dev.type == "cpu" and caches[0].kv.size(1) == 1 if gather is None else not gather
@@ -124,6 +133,9 @@ class FastStep:
             h = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
             top, e = torch.mm(h, L["router"]).topk(L["k"], dim=-1)  # softmax over the k chosen = renormalised top-k
             h = h * L["g3"]
+            if "b_down" in L:  # each chosen expert's output bias, weighted like its output; a 1 for the first bias
+                x = x.add_(torch.bmm(torch.softmax(top, dim=-1)[:, None], L["b_down"][e]).view(B, -1))
+                h = torch.cat([h, L["one"]], dim=1)
             if self.views:  # one row on the CPU: reading the expert ids costs nothing, the weights are used in place
                 top = top[0].tolist()
                 w = [math.exp(t - top[0]) for t in top]  # the softmax of k numbers, on the host
@@ -134,7 +146,13 @@ class FastStep:
                 e = e.view(-1)
                 y = torch.bmm(glu(torch.bmm(hs, L["w1"][e])), L["w2"][e])  # the chosen experts: (B*k, 1, D)
                 x = x.add_(torch.bmm(torch.softmax(top, dim=-1).view(B, 1, -1), y.view(B, L["k"], -1)).view(B, -1))
-        return torch.mm(x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.g, self.head) + self.head_b
+            if "moe_out_b" in L:
+                x = x.add_(L["moe_out_b"])
+        if self.g is not None:  # the final RMSNorm, its gain folded in
+            x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.g
+        elif self.final_norm is not None:  # a LayerNorm (converted checkpoints), as it is
+            x = self.final_norm(x)
+        return torch.mm(x, self.head) + self.head_b
 
 
 @torch.no_grad()

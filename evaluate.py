@@ -40,6 +40,7 @@ DEFAULTS = dict(
     episodes_file="episodes_test.jsonl",
     incontext_file="incontext_test.jsonl",
     span_file="span_test.jsonl",
+    binding_file="binding_test.jsonl",  # the binding row's episodes (else: those of episodes_file)
     paraphrase_questions_file="paraphrase_questions_test.jsonl",  # the questions reworded
     paraphrase_file="paraphrase_test.jsonl",  # the facts and the questions reworded
     n_span=100,  # episodes per (layout, k) of the span rows
@@ -178,9 +179,10 @@ def kept(per_k, level=0.9):
     return n
 
 
-def evaluate_memory(model, tok, episodes, incontext, cfg, span=(), paraphrases=None):
+def evaluate_memory(model, tok, episodes, incontext, cfg, span=(), paraphrases=None, binding=None):
     """{"recall": {d: ...}, "binding": {d: ...}, "chat_flow": {d: ...}, "in_context": {...}, "paraphrase": {name: {d: ...}},
-    "span": {layout: {k: ...}}, "span_kept": {layout: k}, "answer_tokens": {...}}. paraphrases: {name: episodes}."""
+    "span": {layout: {k: ...}}, "span_kept": {layout: k}, "answer_tokens": {...}}. paraphrases: {name: episodes};
+    binding: the binding row's episodes (default: the binding ones among episodes)."""
     results = {"recall": {}, "binding": {}, "chat_flow": {}, "paraphrase": {}, "span": {}, "span_kept": {}}
     for name, eps in (paraphrases or {}).items():
         results["paraphrase"][name] = {d: score(model, tok, [ep for ep in eps if ep["distance"] == d]
@@ -189,8 +191,9 @@ def evaluate_memory(model, tok, episodes, incontext, cfg, span=(), paraphrases=N
         eps = [ep for ep in episodes if ep["distance"] == d]
         results["recall"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg)
         # binding alone: an overwrite episode's "Now ..." names the person once more, which makes it easier
-        results["binding"][d] = score(model, tok, [ep for ep in eps if ep.get("binding") and
-                                                   ep["kind"] == "long-range"], cfg)
+        pool = eps if binding is None else [ep for ep in binding if ep["distance"] == d]
+        results["binding"][d] = score(model, tok, [ep for ep in pool if ep.get("binding") and
+                                                   ep["kind"] == "long-range"][:cfg["n_per_distance"]], cfg)
         if cfg["chat_flow"]:
             results["chat_flow"][d] = score(model, tok, eps[:cfg["n_per_distance"]], cfg, own_answers=True)
     results["in_context"] = score(model, tok, incontext, cfg)
@@ -263,7 +266,9 @@ def main(argv):
     files = {"questions": cfg["paraphrase_questions_file"], "facts+questions": cfg["paraphrase_file"]}
     paraphrases = {name: read_jsonl(os.path.join(cfg["data_dir"], f)) for name, f in files.items()
                    if os.path.isfile(os.path.join(cfg["data_dir"], f))}
-    results = evaluate_memory(model, tok, episodes, incontext, cfg, span, paraphrases)
+    binding_path = os.path.join(cfg["data_dir"], cfg["binding_file"])
+    binding = read_jsonl(binding_path) if os.path.isfile(binding_path) else None
+    results = evaluate_memory(model, tok, episodes, incontext, cfg, span, paraphrases, binding)
     print(f"memory of {cfg['ckpt']} (stage {ckpt['stage']}, step {ckpt['step']}) on {cfg['episodes_file']}, greedy, "
           f"exact match:")
     print(format_table(results))

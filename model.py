@@ -63,7 +63,13 @@ class ModelConfig:
     memory_rope: bool = True  # RoPE on the read's queries and the write's token keys (False: no positions at all)
     memory_qk_norm: bool = False  # QK-norm in memory cross-attention and memory attention
     memory_heads: int = 0  # query = key/value heads of memory cross-attention and memory attention (0: n_q_heads)
+    write_competition: bool = False  # the write's slots compete for tokens (softmax over slots; see Attention)
     stm_init: str = "noise"  # noise: a fresh STM is N(0, stm_init_std^2); learned: learned slots + that noise
+    # what checkpoints converted from RxNN/RxLM need (convert_rxnn.py); the defaults are this file's own design
+    ff_bias: bool = False  # biases in the encoder's SwiGLU (the reference's GatedFeedForward has them)
+    expert_bias: bool = False  # per-expert biases in the decoder's MoE, each expert's weighted with its output
+    moe_out_bias: bool = False  # one bias added once to the mixed MoE output (rxlm's vectorised experts)
+    final_norm: str = "rms"  # before the LM head: rms (ours), none (the reference), layer (its use_head_norm)
 
     def __post_init__(self):
         sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_q_heads", "n_kv_heads", "enc_ff_dim", "n_experts",
@@ -77,6 +83,7 @@ class ModelConfig:
                             (self.memory_attention in MEMORY_ATTENTION, f"memory_attention: one of {MEMORY_ATTENTION}"),
                             (self.gate_type in GATES, f"gate_type must be one of {GATES}"),
                             (self.stm_init in ("noise", "learned"), "stm_init must be noise or learned"),
+                            (self.final_norm in ("rms", "none", "layer"), "final_norm must be rms, none or layer"),
                             (self.d_model % 8 == 0 and self.expert_dim % 8 == 0, "d_model and expert_dim must be "
                              "multiples of 8 (the experts' grouped matmul needs aligned rows)")]:
             if not ok:
@@ -143,9 +150,9 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     """The attention family by (H, Hq, Hkv): MHA, GQA, MQA and SQA - self-attention or cross-attention."""
 
-    def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads, qk_norm=False):
+    def __init__(self, d_model, n_heads, n_q_heads, n_kv_heads, qk_norm=False, compete=False):
         super().__init__()
-        self.hd, self.n_q, self.n_kv = d_model // n_heads, n_q_heads, n_kv_heads
+        self.hd, self.n_q, self.n_kv, self.compete = d_model // n_heads, n_q_heads, n_kv_heads, compete
         # one matrix for queries, keys and values (rows [q | k | v]): self-attention projects them in one matmul
         self.qkv_proj = nn.Linear(d_model, (n_q_heads + 2 * n_kv_heads) * self.hd, bias=False)
         self.out_proj = nn.Linear(n_q_heads * self.hd, d_model, bias=True)
@@ -177,9 +184,23 @@ class Attention(nn.Module):
             context_kv = context_kv if context_kv is not None else self.keys_values(context, k_rope)
         q = self.heads(q, self.n_q, q_rope, self.q_norm)  # (B, Hq, T, hd)
         k, v = context_kv if cache is None else cache.append(*context_kv)  # (B, Hkv, M, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.n_q != self.n_kv)  # (B, Hq, T, hd)
+        if self.compete:
+            y = competitive_attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               enable_gqa=self.n_q != self.n_kv)  # (B, Hq, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.hd))
+
+
+def competitive_attention(q, k, v, attn_mask=None):
+    """Attention whose queries compete for the keys (as in Slot Attention): the softmax runs over the queries, so a
+    token taken by one STM slot is not also averaged into every other slot; then each slot takes the weighted mean
+    of its tokens. q (B, Hq, S, hd), k and v (B, Hkv, T, hd), attn_mask (B or 1, 1, 1, T) -> (B, Hq, S, hd)."""
+    k, v = (x.repeat_interleave(q.size(1) // k.size(1), dim=1) for x in (k, v))  # GQA: each kv head serves a group
+    a = (q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).softmax(dim=-2)  # (B, Hq, S, T): each token's mass over slots
+    if attn_mask is not None:
+        a = a * attn_mask
+    return (a / (a.sum(dim=-1, keepdim=True) + 1e-6)) @ v  # per slot a weighted mean of the tokens it won
 
 
 # -----------------------------------------------------------------------------
@@ -194,10 +215,10 @@ def glu(h):  # [Wg x | Wu x] -> silu(Wg x) * Wu x
 class SwiGLU(nn.Module):
     """Dense gated feed-forward of the encoder: W2(silu(Wg x) * Wu x), with Wg and Wu in one matrix."""
 
-    def __init__(self, d_model, hidden):
+    def __init__(self, d_model, hidden, bias=False):
         super().__init__()
-        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.w_down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x):
         return self.w_down(glu(self.w_gate_up(x)))
@@ -208,13 +229,25 @@ class MoEFeedForward(nn.Module):
     dropped tokens); also returns its routing statistics over the real tokens, from which balancing_loss() computes
     the Switch load-balancing loss."""
 
-    def __init__(self, d_model, n_experts, top_k, hidden):
+    def __init__(self, d_model, n_experts, top_k, hidden, expert_bias=False, out_bias=False):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.router = nn.Linear(d_model, n_experts, bias=False)
         # experts stacked as (E, ...) tensors: expert e is SwiGLU(w_gate_up[e] = [Wg | Wu], w_down[e])
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        # no biases in this file's design; checkpoints converted from RxNN/RxLM have them: per expert, or one added
+        # after the experts are mixed
+        self.b_gate_up = nn.Parameter(torch.zeros(n_experts, 2 * hidden)) if expert_bias else None
+        self.b_down = nn.Parameter(torch.zeros(n_experts, d_model)) if expert_bias else None
+        self.out_bias = nn.Parameter(torch.zeros(d_model)) if out_bias else None
+
+    def expert(self, e, x, w1, w2):
+        """Expert e on its tokens x (n, D) -> (n, D), with its biases if it has them (its output bias is then weighted
+        by the router like the rest of its output)."""
+        if self.b_gate_up is None:
+            return glu(x @ w1[e]) @ w2[e]
+        return torch.addmm(self.b_down[e], glu(torch.addmm(self.b_gate_up[e], x, w1[e])), w2[e])
 
     def forward(self, x, token_mask=None):  # (B, T, D), (B, T) bool -> (B, T, D), routing statistics (2, E)
         shape, D = x.shape, x.size(-1)
@@ -236,14 +269,20 @@ class MoEFeedForward(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = x.index_select(0, token_of_slot).to(dtype)  # (N*k, D), grouped by expert
         if dtype == torch.bfloat16:  # one grouped matmul for all experts: no loop, no host sync (GPU kernels: bf16)
-            ys = F.grouped_mm(glu(F.grouped_mm(xs, self.w_gate_up.to(dtype), offs=ends)), self.w_down.to(dtype),
-                              offs=ends)  # (N*k, D)
+            h = F.grouped_mm(xs, self.w_gate_up.to(dtype), offs=ends)  # (N*k, 2H)
+            if self.b_gate_up is not None:  # expert biases (converted checkpoints): each slot gets its expert's
+                h = h + self.b_gate_up[experts[order]].to(dtype)
+            ys = F.grouped_mm(glu(h), self.w_down.to(dtype), offs=ends)  # (N*k, D)
+            if self.b_down is not None:
+                ys = ys + self.b_down[experts[order]].to(dtype)
         else:  # fp32: one matmul per used expert (on a CPU the host sync of tolist() costs nothing); unbound once,
             # so that backward stacks the experts' grads into one tensor instead of one (E, ...) tensor per expert
             w1, w2 = (w.unbind() if torch.is_grad_enabled() else w for w in (self.w_gate_up, self.w_down))
-            ys = torch.cat([glu(part @ w1[e]) @ w2[e] for e, part in enumerate(xs.split(counts.tolist())) if len(part)])
+            ys = torch.cat([self.expert(e, part, w1, w2) for e, part in enumerate(xs.split(counts.tolist()))
+                            if len(part)])
         ys = (ys * weights.flatten()[order, None].to(ys.dtype)).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, ys).view(shape), stats
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, ys)  # (N, D)
+        return (out if self.out_bias is None else out + self.out_bias).view(shape), stats
 
 
 def balancing_loss(stats):
@@ -274,7 +313,7 @@ class EncoderLayer(nn.Module):
         if cfg.encoder_cross_attention:
             self.norm_cross, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
             self.cross_attn = Attention(D, cfg.n_heads, cfg.enc_cross_q_heads, cfg.enc_cross_kv_heads)
-        self.norm2, self.ff = nn.RMSNorm(D), SwiGLU(D, cfg.enc_ff_dim)
+        self.norm2, self.ff = nn.RMSNorm(D), SwiGLU(D, cfg.enc_ff_dim, bias=cfg.ff_bias)
 
     def forward(self, x, rope_cs, attn_mask=None, stm_l=None):
         x = x + self.attn(self.norm1(x), q_rope=rope_cs, k_rope=rope_cs, attn_mask=attn_mask)
@@ -315,7 +354,7 @@ class DecoderLayer(nn.Module):
             self.norm2, self.stm_norm = nn.RMSNorm(D), nn.RMSNorm(D)
             self.cross_attn = memory_attention_heads(cfg)
         self.norm3 = nn.RMSNorm(D)
-        self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim)
+        self.moe = MoEFeedForward(D, cfg.n_experts, cfg.top_k, cfg.expert_dim, cfg.expert_bias, cfg.moe_out_bias)
 
     def forward(self, x, rope_cs, memory_kv=None, memory_mask=None, self_mask=None, is_causal=True, cache=None,
                 token_mask=None):
@@ -329,13 +368,17 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The generator: (shared) embeddings in, decoder layers reading memory, final RMSNorm, untied LM head."""
+    """The generator: (shared) embeddings in, decoder layers reading memory, final norm, untied LM head."""
 
     def __init__(self, cfg, memory_cross_attention=True):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(DecoderLayer(cfg, memory_cross_attention) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model)  # deviation: the reference has no final norm; it stabilises training
+        # deviation: the reference has no final norm (or a LayerNorm with use_head_norm); an RMSNorm stabilises
+        # training. cfg.final_norm keeps the reference's choice for converted checkpoints
+        D = cfg.d_model
+        self.norm = nn.RMSNorm(D) if cfg.final_norm == "rms" else nn.LayerNorm(D) if cfg.final_norm == "layer" \
+            else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def project_memory(self, memory):
@@ -421,10 +464,11 @@ class Critic(nn.Module):
 # turn after turn; the sigmoid gate makes every write a convex mix, so it stays bounded.
 
 
-def memory_attention_heads(cfg):
+def memory_attention_heads(cfg, compete=False):
     """The attention that reads or writes the STM (decoder memory cross-attention, memory attention)."""
     h = cfg.memory_heads
-    return Attention(cfg.d_model, cfg.n_heads, h or cfg.n_q_heads, h or cfg.n_kv_heads, qk_norm=cfg.memory_qk_norm)
+    return Attention(cfg.d_model, cfg.n_heads, h or cfg.n_q_heads, h or cfg.n_kv_heads, qk_norm=cfg.memory_qk_norm,
+                     compete=compete)
 
 
 class ResidualGate(nn.Module):
@@ -473,7 +517,7 @@ class MemoryAttentionLayer(nn.Module):
             if self.variant == "self-interlayer":
                 self.mix = nn.Parameter(torch.zeros(S, 1))  # sigmoid(0) = 0.5: half own layer, half the mean
         self.norm_stm, self.norm_ed = nn.RMSNorm(D), nn.RMSNorm(D)
-        self.attn = memory_attention_heads(cfg)
+        self.attn = memory_attention_heads(cfg, compete=cfg.write_competition)
         self.gate = ResidualGate(cfg.gate_type, S, D)
 
     def forward(self, stm_l, stm_mean, ed_l, ed_rope, ed_mask):
@@ -643,7 +687,7 @@ class ReactiveTransformer(nn.Module):
         """Sizes per component, counted like the model cards: the shared embedding in encoder and decoder."""
         c, emb = self.cfg, count_params(self.embed)
         dec = emb + count_params(self.decoder)
-        expert = 3 * c.d_model * c.expert_dim
+        expert = 3 * c.d_model * c.expert_dim + (2 * c.expert_dim + c.d_model) * c.expert_bias
         return {"encoder": emb + count_params(self.encoder), "decoder": dec,
                 "decoder_active": dec - c.n_layers * (c.n_experts - c.top_k) * expert,
                 "memory_attention": count_params(self.memory_attention), "mlm_head": count_params(self.mlm_head),

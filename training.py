@@ -116,7 +116,7 @@ def save_checkpoint(path, model, *, stage, step, cfg, tokenizer=None, optimizer=
         "model": model.state_dict(),  # the plain module: compile() in place adds no _orig_mod. prefix
         "model_config": asdict(model.cfg),
         "model_kind": type(model).__name__,  # ReactiveTransformer, or the StatelessDecoder baseline
-        "tokenizer": None if tokenizer is None else {"ranks": tokenizer.ranks},
+        "tokenizer": None if tokenizer is None else tokenizer.state(),  # {"ranks": ...} (+ a converted one's ids)
         "stage": stage,
         "step": step,
         "config": cfg,
@@ -171,7 +171,7 @@ def tokenizer_from_checkpoint(ckpt, path="checkpoint"):
     from data.tokenizer import Tokenizer
     if not ckpt.get("tokenizer"):
         raise cli.CheckpointError(f"{path} carries no tokenizer")
-    return Tokenizer(ckpt["tokenizer"]["ranks"])
+    return Tokenizer(**ckpt["tokenizer"])
 
 
 def load_for_inference(path, device="cpu"):

@@ -445,7 +445,7 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
                 vocab_size=2048, val_fraction=0.05, **style):
     """
     Write stories.txt, interactions.jsonl, episodes_train.jsonl, episodes_test.jsonl, incontext_test.jsonl,
-    span_test.jsonl, paraphrase_test.jsonl, paraphrase_questions_test.jsonl, tokenizer.tiktoken (trained on the
+    span_test.jsonl, binding_test.jsonl, paraphrase_test.jsonl, paraphrase_questions_test.jsonl, tokenizer.tiktoken (trained on the
     stories, interactions and episodes) and train.bin / val.bin of the stories. Files that exist are kept
     (resumable). style: how the world talks (acks_only, binding, phrasing; see tell_turn and PHRASING_MODES).
     """
@@ -469,6 +469,10 @@ def build_world(out_dir, seed=1337, n_stories=50_000, n_interactions=20_000, n_e
             ("incontext_test.jsonl", lambda: make_incontext(max(1, n_test_episodes // 10), seed + 4, split="test")),
             ("span_test.jsonl", lambda: make_span(max(1, n_test_episodes // 20), seed + 5, split="test",
                                                   **dict(style, binding=0.0, phrasing="canonical"))),
+            # the binding row's own episodes: long-range ones whose turn 1 gives the probed slot to two people
+            ("binding_test.jsonl", lambda: [ep for ep in make_episodes(
+                n_test_episodes, seed + 6, kinds=("long-range",), split="test",
+                **dict(style, binding=0.0, phrasing="canonical")) if ep["binding"]]),
             # the test episodes again, reworded in phrasings that training never uses (the same draws)
             ("paraphrase_test.jsonl", lambda: make_episodes(n_test_episodes, seed + 3, split="test",
                                                             **dict(style, binding=0.0, phrasing="held-out"))),

@@ -5,10 +5,14 @@ Byte-level BPE tokenizer: our own (fast) trainer for the merges, tiktoken for en
 
 The merges are stored as a `.tiktoken` file (one `base64(token_bytes) rank` per line). Ranks 0..255 are the single
 bytes; the special tokens come right after the ranks, in the order of SPECIAL_TOKENS.
+
+`Tokenizer.from_hf_json` reads the other kind nanoRxT meets: the Hugging Face `tokenizer.json` of a published RxT-Alpha
+model (byte-level BPE, its specials at their own ids), encoded by tiktoken with the same ids.
 """
 
 import base64
 import heapq
+import json
 import os
 import re
 import time
@@ -37,6 +41,8 @@ PAT_STR = (
     r"|\s+(?!\S)"                         # whitespace, leaving the last space to the next word
     r"|\s+"
 )
+# GPT-2's own pattern, which Hugging Face's ByteLevel pre-tokenizer uses (tokenizers converted by from_hf_json)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def get_stats_word(ids):
@@ -172,25 +178,83 @@ def load_ranks(path):
 
 
 class Tokenizer:
-    """The BPE ranks plus the special tokens, encoded and decoded by tiktoken."""
+    """The BPE ranks plus the special tokens, encoded and decoded by tiktoken. Our own tokenizers put the specials
+    right after the ranks (specials=None); a converted one (from_hf_json) brings its own ids for both, its pattern,
+    and its vocab_size: ranks at or above it are bytes its vocabulary lacks, which encode as [UNK]."""
 
-    def __init__(self, ranks):
-        self.ranks = ranks
-        specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name="nanorxt", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
-        self.vocab_size = len(ranks) + len(SPECIAL_TOKENS)
+    def __init__(self, ranks, specials=None, pat_str=PAT_STR, vocab_size=None):
+        self.ranks, self.converted = ranks, specials is not None
+        if specials is None:
+            specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.specials, self.pat_str = specials, pat_str
+        self.enc = tiktoken.Encoding(name="nanorxt", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = len(ranks) + len(specials) if vocab_size is None else vocab_size
         (self.pad_id, self.unk_id, self.bos_id, self.eos_id,
-         self.mask_id, self.q_id, self.a_id, self.t_id) = specials.values()
+         self.mask_id, self.q_id, self.a_id, self.t_id) = (specials.get(tok) for tok in SPECIAL_TOKENS)
+        self.lacks_bytes = max(ranks.values()) >= self.vocab_size  # converted vocabularies may
 
     @classmethod
     def from_file(cls, path):
         return cls(load_ranks(path))
 
+    @classmethod
+    def from_hf_json(cls, path):
+        """A Hugging Face tokenizer.json of byte-level BPE (as RxNN/RxLM train them) with the same ids: each vocab
+        entry, un-mapped from the byte-level alphabet to its bytes, keeps its id as its tiktoken rank, the added
+        tokens are the specials at their ids, and the pattern is GPT-2's. tiktoken merges by the rank of the merged
+        bytes where Hugging Face follows its list of merges; for a vocabulary trained by BPE, where every token's id
+        is its merge's place in that list, they agree (tests/test_convert_rxnn.py compares them). Bytes the
+        vocabulary lacks (the trainer keeps only the characters it saw) get ranks after the vocabulary and encode
+        as [UNK], one per byte, as Hugging Face's do. No space is added in front of the text: RxNN and RxLM encode
+        through transformers' PreTrainedTokenizerFast, which turns the ByteLevel add_prefix_space off.
+        Differences: text that spells a special ("[Q]") stays text here, and the merges list itself is not read.
+        Raises ValueError naming what is not supported."""
+        with open(path, encoding="utf-8") as f:
+            j = json.load(f)
+        model, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
+        for ok, what in [(model.get("type") == "BPE", f"model type {model.get('type')!r} (only BPE)"),
+                         (pre.get("type") == "ByteLevel" and pre.get("use_regex", True),
+                          f"pre-tokenizer {pre.get('type')!r} (only ByteLevel with GPT-2's pattern)"),
+                         (j.get("normalizer") is None, "a normalizer"),
+                         (not model.get("byte_fallback") and not model.get("continuing_subword_prefix")
+                          and not model.get("end_of_word_suffix") and not model.get("dropout"),
+                          "byte_fallback / subword prefix / suffix / dropout")]:
+            if not ok:
+                raise ValueError(f"{path}: {what} is not supported: nanoRxT reads byte-level BPE")
+        specials = {t["content"]: t["id"] for t in j.get("added_tokens", [])}
+        missing = [t for t in SPECIAL_TOKENS[:7] if t not in specials]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} among its added tokens")
+        char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        ranks = {}
+        for token, i in model.get("vocab", {}).items():
+            if token in specials:
+                continue
+            if any(c not in char_to_byte for c in token):
+                raise ValueError(f"{path}: vocab entry {token!r} is not in the byte-level alphabet")
+            ranks[bytes(char_to_byte[c] for c in token)] = i
+        ids = sorted([*ranks.values(), *specials.values()])
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{path}: its ids are not 0..N-1, one token each")
+        vocab_size = len(ids)
+        for b in range(256):  # bytes the vocabulary lacks: ranks after it, read as [UNK]
+            ranks.setdefault(bytes([b]), vocab_size + b)
+        return cls(ranks, specials, GPT2_PAT_STR, vocab_size)
+
+    def state(self):
+        """What a checkpoint keeps to rebuild this tokenizer (training.save_checkpoint): Tokenizer(**state)."""
+        if not self.converted:
+            return {"ranks": self.ranks}
+        return {"ranks": self.ranks, "specials": self.specials, "pat_str": self.pat_str, "vocab_size": self.vocab_size}
+
     def encode(self, text):
         """Ordinary text -> ids. Never produces a special token: "[Q]" typed by a user is just text."""
-        return self.enc.encode_ordinary(text)
+        ids = self.enc.encode_ordinary(text)
+        return [i if i < self.vocab_size else self.unk_id for i in ids] if self.lacks_bytes else ids
 
     def encode_batch(self, texts):
+        if self.lacks_bytes:
+            return [self.encode(t) for t in texts]
         return self.enc.encode_ordinary_batch(texts)
 
     def _valid(self, ids):
@@ -205,6 +269,16 @@ class Tokenizer:
         """ids -> raw bytes (specials rendered as their names). For streaming: accumulate the bytes and print only
         complete characters, e.g. with codecs.getincrementaldecoder("utf-8")(errors="replace")."""
         return self.enc.decode_bytes(self._valid(ids))
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level alphabet, which Hugging Face's ByteLevel uses too: {byte: the printable character that
+    stands for it in vocab strings}. Printable bytes stand for themselves; the others (space, control bytes, ...)
+    take the characters from 256 on, in byte order (so " " is "\u0120", printed as "Ġ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def read_texts(paths, max_bytes=None):

@@ -125,7 +125,8 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "world")
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)
     names = ["stories.txt", "interactions.jsonl", "episodes_train.jsonl", "episodes_test.jsonl",
-             "incontext_test.jsonl", "span_test.jsonl", "paraphrase_test.jsonl", "paraphrase_questions_test.jsonl",
+             "incontext_test.jsonl", "span_test.jsonl", "binding_test.jsonl", "paraphrase_test.jsonl",
+             "paraphrase_questions_test.jsonl",
              "tokenizer.tiktoken", "train.bin", "val.bin"]
     assert sorted(os.listdir(out)) == sorted(names)
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
@@ -134,6 +135,9 @@ def test_build_world_writes_every_file_and_resumes(tmp_path, capsys):
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert ids.count(tok.bos_id) == ids.count(tok.eos_id) == 15  # 5% of the stories
     assert len(read_jsonl(os.path.join(out, "episodes_test.jsonl"))) == 30
+    binding = read_jsonl(os.path.join(out, "binding_test.jsonl"))
+    assert binding and all(ep["binding"] and ep["kind"] == "long-range" and is_test(ep["name"], ep["slot"], ep["gold"])
+                           for ep in binding)
     mtimes = {n: os.path.getmtime(os.path.join(out, n)) for n in names}
     capsys.readouterr()
     build_world(out, seed=0, n_stories=300, n_interactions=200, n_episodes=150, n_test_episodes=30, vocab_size=400)

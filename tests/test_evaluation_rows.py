@@ -154,3 +154,16 @@ def test_paraphrase_rows_score_the_reworded_episodes_by_distance(monkeypatch, wo
     assert questions[1]["n"] == 1 and questions[1]["recall"] == 0.0  # the scripted model only answers "...?"
     assert questions[2]["recall"] == 1.0 and both[1]["recall"] == 0.0 and both[2] is None
     assert "paraphrased questions" in evaluate.format_table(results)
+
+
+def test_the_binding_row_reads_its_own_file_of_episodes_when_there_is_one(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    scripted(monkeypatch, [])  # answers with the first colour told: right when the probed person was told first
+    first = dict(BINDING, gold="blue", interactions=[{"query": "What colour is Tom's kite?", "answer": "blue"}])
+    cfg = dict(evaluate.DEFAULTS, distances=[1])
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING], [], cfg, binding=[first, first, BINDING])
+    assert results["binding"][1]["n"] == 3 and results["binding"][1]["recall"] == pytest.approx(2 / 3)
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING], [], dict(cfg, n_per_distance=1),
+                                       binding=[first, first, BINDING])
+    assert results["binding"][1]["n"] == 1

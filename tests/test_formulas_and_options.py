@@ -62,6 +62,20 @@ def test_the_router_learns_from_the_task_loss_with_the_balancing_loss_off():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+def test_competing_slots_share_each_tokens_mass_and_take_a_weighted_mean_of_their_tokens():
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 4 query heads, 2 kv heads
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]
+    y = M.competitive_attention(q, k, v, mask)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    for b in range(2):
+        for h in range(4):
+            s = q[b, h] @ kk[b, h].T / 8 ** 0.5  # (slots, tokens)
+            a = torch.softmax(s, dim=0) * mask[b, 0, 0]  # each token's mass over the 3 slots; padding takes none
+            assert torch.allclose(y[b, h], (a / (a.sum(1, keepdim=True) + 1e-6)) @ vv[b, h], atol=1e-5)
+    assert not torch.allclose(y, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                               enable_gqa=True))
+
+
 def test_temperature_zero_is_greedy_and_a_large_one_is_near_uniform():
     logits = torch.tensor([[3.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
@@ -90,7 +104,8 @@ ALTERNATIVES = dict(vocab_size=80, d_model=48, n_layers=3, n_heads=2, n_q_heads=
                     n_experts=6, top_k=1, expert_dim=96, stm_size=8, memory_attention="self-interlayer",
                     gate_type="linear", encoder_cross_attention=True, enc_cross_q_heads=4, enc_cross_kv_heads=1,
                     rope_base=50.0, stm_init_std=0.3, memory_rope=False, memory_qk_norm=True, memory_heads=4,
-                    stm_init="learned")
+                    stm_init="learned", ff_bias=True, expert_bias=True, moe_out_bias=True, final_norm="layer",
+                    write_competition=True)
 NOT_THE_MODELS = {"seq_len"}  # the interaction budget of data and generation; the model has no position table
 
 
