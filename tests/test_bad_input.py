@@ -174,3 +174,16 @@ def test_tinystories_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatc
 def test_as_scripts_they_print_no_traceback(cmd):
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+
+
+def test_settings_refuse_a_bool_for_a_number_zero_for_a_positive_one_and_distance_zero():
+    with pytest.raises(cli.ConfigError, match="lr"):
+        cli.configure({"lr": 1e-3}, ["--lr=True"])
+    assert cli.configure({"lr": 1e-3}, ["--lr=1"])["lr"] == 1.0  # an int is a fine float
+    with pytest.raises(cli.ConfigError, match="lr"):
+        cli.check({"lr": 0}, lr=cli.POSITIVE)
+    with pytest.raises(cli.ConfigError, match="distances"):
+        cli.check({"distances": [0, 1]}, distances=cli.DISTANCES)
+    with pytest.raises(cli.ConfigError, match="smat_curriculum"):
+        cli.check({"smat_curriculum": [[1], [0]]}, smat_curriculum=cli.CURRICULUM)
+    cli.check({"lr": 1e-9, "distances": [1, 2]}, lr=cli.POSITIVE, distances=cli.DISTANCES)

@@ -55,3 +55,8 @@ def test_progress_in_a_log_file_is_a_line_every_tenth(capsys):
         pass
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 10 and lines[-1].startswith("steps: 1000/1000")
+    for total in (25, 7, 99):  # never more than ten lines, whatever the total, and always the last one
+        for _ in cli.progress(range(total), desc="steps"):
+            pass
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) <= 10 and lines[-1].startswith(f"steps: {total}/{total}"), total

@@ -159,6 +159,7 @@ def test_kv_cache_matches_full_forward():
 
 
 @pytest.mark.parametrize("options", [{}, dict(memory_rope=False), dict(memory_qk_norm=True, memory_heads=4),
+                                     dict(memory_rope=False, memory_qk_norm=True, memory_heads=4),  # the demo's
                                      dict(n_q_heads=4, n_kv_heads=2), dict(stateless=True), dict(rows=1),
                                      dict(rows=1, gather=True)])
 def test_the_fast_single_token_path_gives_the_full_forward_logits(options):

@@ -25,7 +25,7 @@ def padded(rows, value, device="cpu"):
 
 def test_exact_probe_answer_gets_the_maximum_reward_and_a_wrong_one_less(world):
     tok, model = setup(world)
-    cfg = dict(train_mrl.DEFAULTS)
+    cfg = dict(train_mrl.DEFAULTS, mrl_bleu_weight=0.5, mrl_recall_weight=2.0)  # unequal: each weight its own term
     ref = [tok.encode("red") + [tok.eos_id], tok.encode("red") + [tok.eos_id]]
     ref_ids = padded(ref, tok.pad_id)
     ref_mask = ref_ids != tok.pad_id

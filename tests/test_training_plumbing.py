@@ -125,3 +125,17 @@ def test_the_optimizer_trains_every_parameter_and_decays_only_matrices():
     groups = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert set().union(*groups.values()) == {id(p) for p in m.parameters()}  # norms, biases and gates too
     assert groups[0.0] == {id(p) for p in m.parameters() if p.dim() < 2}
+
+
+def test_a_stage_resumes_only_from_its_own_checkpoint(tmp_path):
+    """out_dir/ckpt.pt of another stage (e.g. the joint checkpoint where SFT writes) is not a run to resume."""
+    torch.manual_seed(0)
+    other, m = ReactiveTransformer(tiny_cfg()), ReactiveTransformer(tiny_cfg())
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, other, stage="joint", step=7, cfg={}, metrics={"loss": 1.5})
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), resume=True, compile=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _, step, metrics = training.start(cfg, m, list(m.parameters()), stage="sft", device="cpu")
+    assert step == 0 and metrics == {} and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    _, step, metrics = training.start(cfg, m, list(m.parameters()), stage="joint", device="cpu")
+    assert step == 7 and metrics == {"loss": 1.5}  # its own stage's checkpoint does resume
