@@ -3,8 +3,10 @@
 import ast
 import glob
 import os
+import subprocess
 
 import cli
+import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train_mlm", "train_joint", "train_mrl", "train_baseline", "evaluate", "chat", "demo", "bench"}
@@ -60,3 +62,23 @@ def test_progress_in_a_log_file_is_a_line_every_tenth(capsys):
             pass
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) <= 10 and lines[-1].startswith(f"steps: {total}/{total}"), total
+
+
+def test_the_demo_runs_its_final_phase_and_evaluates_that_checkpoint():
+    for final in ("mrl", "dmpo"):
+        cmds = dict(demo.stages([], False, final))
+        assert f"--phases=smat,{final}" in cmds["memory stages"]
+        assert f"--ckpt={demo.OUT}/{final}/ckpt.pt" in cmds["eval"]
+
+
+def test_the_demo_stops_at_the_first_stage_that_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ran = []
+
+    def run(cmd):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1 if "config/nano_mlm.py" in cmd else 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
+    assert demo.main(["--no-chat"]) == 1
+    assert len(ran) == 2 and "config/nano_mlm.py" in ran[-1]  # the world, then MLM failed: nothing after it
