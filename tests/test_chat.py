@@ -107,3 +107,11 @@ def test_the_next_answer_reads_the_finished_write_of_query_answer_and_eos(checkp
     assert reads[1][1] is writes[0][1]  # the second answer read STM_1, the finished first write
     assert writes[0][0] == reads[0][0] + said[0] + [tok.eos_id]
     assert reads[0][0] == [tok.bos_id, tok.q_id] + tok.encode("Mia has a red ball.") + [tok.a_id]
+
+
+def test_sampling_with_top_k_off_answers(checkpoint):
+    """top_k=0 means no top-k filter (the default), not 'keep zero tokens'."""
+    model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8, temperature=1.0, top_k=0))
+    assert isinstance(session.answer("Mia has a red ball.", open(os.devnull, "w")), str)
+    session.wait()
