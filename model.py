@@ -590,6 +590,8 @@ def init_weights(module):
         elif isinstance(m, MoEFeedForward):
             for w in (m.w_gate_up, m.w_down):
                 nn.init.normal_(w, std=0.02)
+    # a second pass: modules() visits a gate before its Linear, whose init above would zero the bias again
+    for m in module.modules():
         if isinstance(m, ResidualGate) and m.kind in ("linear", "per-element"):
             nn.init.constant_(m.lin.bias, -1.0)  # start with small gates: memory changes gradually
 

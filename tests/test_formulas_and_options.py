@@ -225,3 +225,58 @@ def test_memory_pretraining_pulls_the_write_towards_a_mix_of_the_old_memory_and_
         new = model.memory_attention(stm0, ed, mask)
         want = -torch.nn.functional.cosine_similarity(new, 0.1 * stm0 + 0.9 * ed, dim=-1).mean()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_gates_read_the_old_memory_and_the_update_together():
+    torch.manual_seed(0)
+    stm, update = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    for kind in ("per-slot", "linear", "per-element"):
+        gate = M.ResidualGate(kind, 8, 16)
+        with torch.no_grad():
+            for p in gate.parameters():
+                p.normal_()
+        m = (stm + update).mean(dim=-1)  # (B, S)
+        g = {"per-slot": lambda: torch.sigmoid(gate.w * m + gate.b)[..., None],
+             "linear": lambda: torch.sigmoid(gate.lin(m))[..., None],
+             "per-element": lambda: torch.sigmoid(gate.lin(stm + update))}[kind]()
+        torch.testing.assert_close(gate(stm, update), (1 - g) * stm + g * update)
+
+
+def test_a_fresh_model_starts_with_small_gates_so_memory_changes_gradually():
+    for gate_type in ("linear", "per-element", "per-slot", "static"):
+        m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **dict(TINY, gate_type=gate_type)))
+        stm, update = torch.randn(2, m.cfg.stm_size, m.cfg.d_model) * 0.02, torch.randn(2, m.cfg.stm_size,
+                                                                                          m.cfg.d_model) * 0.02
+        gate = m.memory_attention.layers[0].gate
+        with torch.no_grad():
+            share = ((gate(stm, update) - stm) / (update - stm)).mean().item()  # g, where old and new differ
+        assert 0.1 < share < 0.35, (gate_type, share)  # sigmoid(-1) = 0.27
+
+
+def test_the_critic_averages_the_query_over_its_real_tokens_only():
+    torch.manual_seed(0)
+    m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))
+    critic = M.Critic(m).eval()
+    ids = torch.randint(3, 64, (2, 6))
+    stm = m.new_memory(2, generator=torch.Generator().manual_seed(1))
+    padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    mask = torch.arange(11)[None] < 6
+    with torch.no_grad():
+        torch.testing.assert_close(critic(padded, mask.expand(2, -1), stm), critic(ids, torch.ones(2, 6, dtype=torch.bool),
+                                                                                stm), atol=1e-5, rtol=1e-5)
+
+
+def test_every_norm_of_the_encoder_decoder_and_memory_attention_shapes_the_output():
+    """Each RMSNorm's gain matters (a sublayer that reads another sublayer's norm leaves its own without effect)."""
+    torch.manual_seed(0)
+    m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **dict(TINY, memory_attention="interlayer")))
+    base = outputs(m)
+    norms = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, torch.nn.RMSNorm)
+             and n.split(".")[0] in ("encoder", "decoder", "memory_attention")]
+    assert len(norms) > 10
+    for name, norm in norms:
+        with torch.no_grad():
+            norm.weight.mul_(torch.linspace(0.5, 1.5, norm.weight.numel()))
+        assert any(not torch.allclose(a, b) for a, b in zip(base, outputs(m))), name
+        with torch.no_grad():
+            norm.weight.div_(torch.linspace(0.5, 1.5, norm.weight.numel()))
