@@ -228,7 +228,8 @@ def format_table(results):
     if results["chat_flow"]:
         add("chat flow (own answers)", [cell(results["chat_flow"].get(d)) for d in distances])
     for name, per_d in results.get("paraphrase", {}).items():
-        add(f"paraphrased {name}", [cell(per_d.get(d)) for d in distances])
+        label = {"questions": "paraphrased questions", "facts+questions": "paraphrased facts+qs"}.get(name, name)
+        add(label, [cell(per_d.get(d)) for d in distances])
     ic = results["in_context"]
     if ic:
         lines.append(f"in-context (one message, fresh memory): {ic['recall']:.1%} of {ic['n']} "
