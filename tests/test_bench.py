@@ -63,3 +63,21 @@ def test_attention_score_flops_count_the_causal_half_of_two_matmuls():
     # QK^T and AV for B=1, one head, T=4, hd=2: 2 matmuls x 2 FLOPs per multiply-add x 4 x 4 x 2, half of it causal
     assert bench.score_flops(1, 1, 4, 2) == 2 * 2 * 4 * 4 * 2 // 2 == 64
     assert bench.score_flops(2, 3, 8, 16) == 3 * 2 * bench.score_flops(1, 1, 8, 16)
+
+
+def test_bench_counts_each_turns_tokens_and_the_baselines_kv_cache_exactly(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--sections=conversation,memory", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    conv, mem, turn = r["conversation"], r["memory"], 32 + 32
+    # RxT: the query and the answer, then the encoder reads the whole interaction; the baseline re-reads everything
+    assert [t["tokens"] for t in conv["rxt"]["per_turn"]] == [2 * turn] * conv["turns"]
+    assert [t["tokens"] for t in conv["baseline"]["per_turn"]] == [turn * n for n in range(1, conv["turns"] + 1)]
+    sys.path.insert(0, ROOT)
+    from model import PRESETS
+    c = PRESETS["nano"]
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * mem["kv_bytes_per_element"]  # keys and values
+    for n, t in mem["by_turn"].items():
+        assert t["baseline_kv_bytes"] == per_token * (int(n) - 1) * turn  # the history before turn n

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,11 @@ def test_join_answers_marks_exactly_the_sampled_tokens(tok):
     for b, a in enumerate([a0, a1]):
         row = ids[b][attn_mask[b]].tolist()
         assert row[-1] == tok.eos_id and ids[b, 1:][ans_mask[b, :-1]].tolist() == a
+
+
+def test_an_answer_that_ends_with_eos_gets_no_second_one(world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    q_ids, q_mask = collate_queries(tok, ["Hi!"], 64, 8)
+    a = tok.encode("Hello") + [tok.eos_id]
+    ids, attn_mask, _ = join_answers(q_ids, q_mask, torch.tensor([a]), torch.tensor([len(a)]), tok)
+    assert ids[0][attn_mask[0]].tolist() == q_ids[0][q_mask[0]].tolist() + a

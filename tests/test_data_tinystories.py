@@ -150,3 +150,15 @@ def test_prepare_from_local_files_then_load_batches(tmp_path):
     assert x.shape == (4, 16) and x.dtype == torch.int64
     ids = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16).tolist()
     assert all(any(ids[i:i + 16] == row for i in range(len(ids) - 15)) for row in x.tolist())  # real windows
+
+
+def test_prepare_tokenizes_val_bin_from_the_valid_file(tmp_path):
+    stories = [f"Story number {i}: a cat sat on a mat and then a dog came by." for i in range(40)]
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text(f"\n{SEPARATOR}\n".join(stories))
+    valid.write_text(f"\n{SEPARATOR}\n".join(stories[:5]))
+    out = str(tmp_path / "ts")
+    prepare(out, vocab_size=300, train_path=str(train), valid_path=str(valid))
+    tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
+    want = sum(len(ids) + 2 for ids in tok.encode_batch(stories[:5]))
+    assert os.path.getsize(os.path.join(out, "val.bin")) // 2 == want

@@ -6,7 +6,9 @@ import pytest
 import tiktoken
 
 from data.loaders import render_interaction, render_query
-from data.tokenizer import PAT_STR, SPECIAL_TOKENS, Tokenizer, load_ranks, save_ranks, train_bpe
+import cli
+from data import tokenizer as tokenizer_module
+from data.tokenizer import PAT_STR, SPECIAL_TOKENS, Tokenizer, load_ranks, read_texts, save_ranks, train_bpe
 
 VARIED = [
     "Once upon a time, Mia had a red ball. She's happy; they'll play at 10:30!",
@@ -184,3 +186,22 @@ def test_decode_bytes_streams_multibyte_characters(tok):
     assert out == text
     assert tok.decode_bytes([tok.eos_id]) == b"[EOS]"
     assert tok.decode([10 ** 6]) == "[UNK]"  # ids beyond the vocab (a padded embedding) do not crash decoding
+
+
+def test_the_first_id_past_the_vocab_decodes_as_unk():
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    assert tok.decode([tok.vocab_size]) == "[UNK]"
+
+
+def test_read_texts_ends_every_chunk_at_a_line_end(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("hello brave new world\n" * 100)
+    chunks = list(read_texts([str(path)], max_bytes=50))
+    assert chunks and all(c.endswith("\n") for c in chunks)
+
+
+def test_the_tokenizer_cli_refuses_a_vocab_without_room_for_the_specials(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world " * 100)
+    with pytest.raises(cli.ConfigError):
+        tokenizer_module.main(["--input", str(text), "--vocab_size", "260", "--out", str(tmp_path / "t.tiktoken")])

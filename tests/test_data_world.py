@@ -1,4 +1,5 @@
 import os
+import random
 import re
 from collections import Counter
 
@@ -7,8 +8,9 @@ import pytest
 
 from data.loaders import episode_turns
 from data.memory_world import (NAMES, PHRASINGS, SLOTS, SPAN_LAYOUTS, articles, build_world, is_test, make_episodes,
-                               make_incontext, make_interactions, make_span, make_stories, probe_text, read_jsonl,
-                               write_jsonl)
+                               make_incontext, make_interactions, make_span, make_stories, probe_text, question_turn,
+                               random_value, read_jsonl, write_jsonl)
+from data.tinystories import iter_stories
 from data.tokenizer import Tokenizer
 
 DISTANCES = (1, 2, 4, 8, 16)
@@ -212,3 +214,25 @@ def ep_answerable(ep):
     """The gold word is stated in the episode's first turn or a later one (a change), as a whole word."""
     told = " ".join([ep["query"]] + [t["query"] for t in ep["interactions"][:-1]])
     return ep["gold"] in re.findall(r"\w+", told)
+
+
+def test_nobody_is_their_own_best_friend():
+    rng = random.Random(0)
+    assert all(random_value(rng, p, "friend") != p for p in NAMES for _ in range(100))
+
+
+def test_a_question_turn_gives_a_person_one_value_per_slot():
+    rng = random.Random(0)
+    for _ in range(500):
+        query = question_turn(rng, names=["Mia", "Tom"])["query"]
+        keys = re.findall(r"(\w+) has an? \w+ (\w+)\.", query) + re.findall(r"(\w+)('s favourite food) is", query) \
+            + re.findall(r"(\w+) is at (the) ", query) + re.findall(r"(\w+)('s best friend) is", query)
+        assert len(keys) == len(set(keys)), query
+
+
+def test_train_bin_holds_the_training_stories_only(world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    stories = list(iter_stories(os.path.join(world, "stories.txt")))
+    n_val = max(1, int(len(stories) * 0.05))
+    want = sum(len(ids) + 2 for ids in tok.encode_batch(stories[:-n_val]))
+    assert os.path.getsize(os.path.join(world, "train.bin")) // 2 == want

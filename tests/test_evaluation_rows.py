@@ -12,7 +12,7 @@ import engine
 import evaluate
 from conftest import TINY
 from data.loaders import render_dialogue
-from data.memory_world import SLOTS
+from data.memory_world import SLOTS, read_jsonl
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, StatelessDecoder, get_config
 
@@ -167,3 +167,29 @@ def test_the_binding_row_reads_its_own_file_of_episodes_when_there_is_one(monkey
     results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING], [], dict(cfg, n_per_distance=1),
                                        binding=[first, first, BINDING])
     assert results["binding"][1]["n"] == 1
+
+
+def test_an_answer_ends_at_its_eos_even_when_other_rows_go_on(world, monkeypatch):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    red, blue, green = tok.encode("red"), tok.encode("blue"), tok.encode("green")
+    rows = [red + [tok.eos_id] + green, blue + green + [tok.eos_id]]
+    n = max(map(len, rows))
+    ans = torch.tensor([r + [tok.eos_id] * (n - len(r)) for r in rows])
+    lengths = torch.tensor([len(red) + 1, len(blue) + len(green) + 1])
+    monkeypatch.setattr(evaluate.engine, "generate", lambda *a, **k: (ans, lengths))
+    torch.manual_seed(0)
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    said = evaluate.answer(model, tok, ["What colour?", "What colour?"], model.new_memory(2), 8)
+    assert said == ["red", "bluegreen"]
+
+
+def test_answer_perplexity_does_not_depend_on_the_batch_size(world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    torch.manual_seed(0)
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY)).eval()
+    model.cfg.stm_init_std = 0.0  # no noise in the fresh memory: the rows' draws cannot differ
+    eps = read_jsonl(os.path.join(world, "episodes_test.jsonl"))
+    cfg = dict(evaluate.DEFAULTS, distances=[2], n_per_distance=4)
+    together = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=4))
+    alone = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=1))
+    assert together["tokens"] == alone["tokens"] and together["ppl"] == pytest.approx(alone["ppl"], rel=1e-6)

@@ -101,3 +101,48 @@ def test_the_critic_reads_the_turns_query_and_the_memory_the_decoder_reads(world
         torch.testing.assert_close(read, stm)
         assert not read.requires_grad  # the value loss must not train the memory
         stm = model.update_memory(stm, s["ids"], s["mask"])
+
+
+def test_the_policy_loss_reaches_exactly_the_sampled_answer_positions(world):
+    tok, model, cfg = setup(world, chunks=False, mrl_value_coef=0.0, mrl_memory_reg=0.0, mrl_kl_coef=0.0,
+                            mrl_entropy_coef=1.0)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    logits = []
+
+    def keep(module, inputs, out):  # a forward hook that returns None leaves the output as it is
+        out.retain_grad()
+        logits.append(out)
+    hook = model.decoder.lm_head.register_forward_hook(keep)
+    loss, _ = rl.impo_loss(model, critic, play, cfg)
+    hook.remove()
+    loss.backward()
+    assert len(logits) == len(play["steps"])
+    for s, lg in zip(play["steps"], logits):
+        touched = lg.grad.abs().sum(dim=-1)[:, :-1] > 0  # logits[:, t] scores ids[:, t + 1]
+        assert torch.equal(touched, s["ans_mask"][:, :-1])
+
+
+def test_a_reward_every_row_shares_teaches_nothing(world):  # advantages are centred over the batch
+    tok, model, cfg = setup(world, mrl_value_coef=0.0, mrl_memory_reg=0.0, mrl_kl_coef=0.0, mrl_entropy_coef=0.0)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    for s in play["steps"]:
+        s["reward"] = torch.full_like(s["reward"], 0.5)
+    with torch.no_grad():  # the critic says 0 for every row: every advantage is exactly 0.5
+        critic.head[-1].weight.zero_()
+        critic.head[-1].bias.zero_()
+    loss, _ = rl.impo_loss(model, critic, play, cfg)
+    assert abs(loss.item()) < 1e-4
+
+
+def test_mrl_detaches_each_writes_input_only_when_asked(world, monkeypatch):
+    tok, model, cfg = setup(world)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    inputs, real = [], model.update_memory
+    monkeypatch.setattr(model, "update_memory", lambda stm, *a: inputs.append(stm.requires_grad) or real(stm, *a))
+    for detach in (True, False):
+        inputs.clear()
+        rl.impo_loss(model, critic, play, dict(cfg, mrl_detach_stm=detach))
+        assert inputs == [False] + [not detach] * len(play["steps"]), detach  # the first: the rollout's fresh STM

@@ -1,0 +1,128 @@
+"""What each stage trains on and what it trains: the MLM stage's masks, joint training's parameter groups, the
+memory pre-training's labels and its one-step writes, and that SFT and the baseline never train on their validation
+data or on distances they were told to leave out."""
+
+import os
+
+import torch
+
+import model as M
+import train_baseline
+import train_joint
+import train_mlm
+import train_mrl
+import training
+from conftest import TINY, tiny_flags
+from data.loaders import episode_tensors
+from data.memory_world import read_jsonl
+from data.tokenizer import Tokenizer
+
+
+def world_tok(world):
+    return Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+
+
+def tiny_model(tok):
+    torch.manual_seed(0)
+    return M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **TINY))
+
+
+def test_the_mlm_stage_hides_the_chosen_tokens_behind_mask(world, tmp_path, monkeypatch):
+    seen, real = [], M.ReactiveTransformer.mlm
+    monkeypatch.setattr(M.ReactiveTransformer, "mlm",
+                        lambda self, masked, mask, targets, chunks=None: seen.append((masked, targets)) or
+                        real(self, masked, mask, targets, chunks))
+    train_mlm.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1))
+    masked, targets = seen[0]
+    assert (masked[targets != -100] == world_tok(world).mask_id).all()
+
+
+def test_joint_training_updates_the_mlm_head_and_not_the_memory_attention(world, tmp_path):
+    tok = world_tok(world)
+    m = tiny_model(tok)
+    init = str(tmp_path / "init.pt")
+    training.save_checkpoint(init, m, stage="mlm", step=0, cfg={}, tokenizer=tok)
+    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path / "joint"), init_from=init, max_iters=2))
+    after = training.load_checkpoint(str(tmp_path / "joint/ckpt.pt"))["model"]
+    before = m.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"embed", "encoder", "decoder", "mlm_head"} <= changed and "memory_attention" not in changed
+
+
+def numbered(monkeypatch, module):
+    """Records read through module.read_jsonl carry their line number as 'i'."""
+    real = module.read_jsonl
+    monkeypatch.setattr(module, "read_jsonl", lambda path: [dict(r, i=i) for i, r in enumerate(real(path))])
+
+
+def test_sft_never_trains_on_its_validation_records(world, tmp_path, monkeypatch):
+    got, drawn = {}, []
+    numbered(monkeypatch, train_joint)
+    monkeypatch.setattr(train_joint.training, "train", lambda cfg, model, **kw: got.update(kw) or {})
+    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), sft=True))
+    monkeypatch.setattr(train_joint, "collate_interactions",
+                        lambda tok, records, n: drawn.extend(records) or [torch.zeros(1)] * 3)
+    for step in range(100):
+        got["get_batch"]("train", step, torch.Generator().manual_seed(step))
+    n_val = max(1, len(read_jsonl(os.path.join(world, "interactions.jsonl"))) // 50)
+    assert drawn and min(r["i"] for r in drawn) >= n_val
+
+
+def test_the_baseline_trains_on_its_distances_and_never_on_its_validation_episodes(world, tmp_path,
+                                                                                   monkeypatch):
+    got, drawn = {}, []
+    numbered(monkeypatch, train_baseline)
+    monkeypatch.setattr(train_baseline.training, "train", lambda cfg, model, **kw: got.update(kw) or {})
+    train_baseline.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), dialogue=True, distances=[1, 2],
+                                   model_args=dict(TINY, seq_len=256), seq_len=256))
+    monkeypatch.setattr(train_baseline, "collate_dialogues",
+                        lambda tok, eps, n: drawn.extend(eps) or [torch.zeros(1, dtype=torch.long)] * 3)
+    for step in range(100):
+        got["get_batch"]("train", step, torch.Generator().manual_seed(step))
+    kept = [i for i, ep in enumerate(read_jsonl(os.path.join(world, "episodes_train.jsonl"))) if ep["distance"] in (1, 2)]
+    val = set(kept[:max(1, len(kept) // 50)])  # the first fiftieth of the kept episodes validates
+    assert drawn and {ep["distance"] for ep in drawn} <= {1, 2} and not {ep["i"] for ep in drawn} & val
+
+
+class MixStub(torch.nn.Module):
+    """A memory attention that writes exactly the label of the documented schedule: 0.9, then 0.5 - 0.05 t."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = 0
+
+    def forward(self, stm, ed, mask):
+        w = 0.9 if self.t == 0 else 0.5 - 0.05 * self.t
+        self.t += 1
+        return (1 - w) * stm + w * ed
+
+
+def test_memory_pretraining_labels_give_the_new_data_a_shrinking_share(world):
+    tok = world_tok(world)
+    model = tiny_model(tok)
+    model.memory_attention = MixStub()
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
+    turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
+    cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.0)
+    loss, _ = train_mrl.memory_pretrain_loss(model, turns, cfg, torch.Generator().manual_seed(0))
+    assert loss.item() < -1 + 1e-5  # the write equals the label at every turn: cosine 1
+
+
+def test_memory_pretraining_trains_each_write_on_its_own_turn(world):
+    tok = world_tok(world)
+    model = tiny_model(tok)
+    real = model.memory_attention
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.seen = real, []
+
+        def forward(self, stm, ed, mask):
+            self.seen.append(stm.requires_grad)
+            return self.inner(stm, ed, mask)
+    model.memory_attention = spy = Spy()
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
+    turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
+    train_mrl.memory_pretrain_loss(model, turns, dict(train_mrl.DEFAULTS), torch.Generator().manual_seed(0))
+    assert spy.seen == [False] * len(turns)
