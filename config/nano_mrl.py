@@ -21,6 +21,6 @@ eval_interval = 400
 eval_iters = 4
 # DMPO instead of MRL (python demo.py --dmpo, or --phases=smat,dmpo): measured from one SMAT checkpoint it did not beat
 # MRL (README, "DMPO or MRL"), so MRL stays the demo's last phase
-dmpo_iters = 80
+dmpo_iters = 100  # the wall time of mrl_iters = 40 on the demo's CPU (README, "DMPO or MRL")
 dmpo_lr = 5e-5
 dmpo_curriculum = [[1, 2, 4]]
