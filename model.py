@@ -487,6 +487,9 @@ class ResidualGate(nn.Module):
             self.lin = nn.Linear(n_slots, n_slots)
         elif kind == "per-element":  # G = sigmoid(W (STM + Update) + b), W (D, D): the content decides (the paper's)
             self.lin = nn.Linear(d_model, d_model)
+        # the content gates' bias starts at 0 (init_weights), so a first write moves the STM halfway, G ~ 0.5.
+        # Starting them small like the two above, at sigmoid(-1), cost the demo 4.5-7.5 points of recall at every
+        # distance (same SFT checkpoint, only the bias changed; README "Making memory bind")
 
     def forward(self, stm, update):  # (B, S, D) each
         if self.kind == "none":  # plain residual: norms grow turn after turn (kept to show why the gate exists)
@@ -590,10 +593,6 @@ def init_weights(module):
         elif isinstance(m, MoEFeedForward):
             for w in (m.w_gate_up, m.w_down):
                 nn.init.normal_(w, std=0.02)
-    # a second pass: modules() visits a gate before its Linear, whose init above would zero the bias again
-    for m in module.modules():
-        if isinstance(m, ResidualGate) and m.kind in ("linear", "per-element"):
-            nn.init.constant_(m.lin.bias, -1.0)  # start with small gates: memory changes gradually
 
 
 def count_params(module):
