@@ -41,7 +41,7 @@ def test_scripted_conversation_with_commands_ends_cleanly_at_eof(checkpoint):
     assert "you> What colour is Mia's ball?" in out
     assert "layer 0: mean slot norm" in out and "last update changed it by" in out
     assert "(memory reset)" in out and "/reset" in out.split("(memory reset)")[1]  # the help text follows
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "truncated" not in r.stderr  # short inputs are never cut
 
 
 def test_over_long_input_is_truncated_with_a_notice(checkpoint):

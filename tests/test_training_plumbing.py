@@ -41,11 +41,18 @@ def test_bad_flag_exits_nonzero_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value,rule", [([[1], [0]], cli.CURRICULUM), ([[1, 2], "4"], cli.CURRICULUM),
+                                        ("abc", cli.POSITIVE), ([1], cli.at_least(0))])
+def test_every_entry_of_a_setting_is_checked_and_a_wrong_type_is_a_config_error(value, rule):
+    with pytest.raises(cli.ConfigError):
+        cli.check({"key": value}, key=rule)
+
+
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     cfg = dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
     lrs = [training.lr_at(s, cfg) for s in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising through warmup
-    assert lrs[9] == pytest.approx(1e-3)
+    assert lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)  # the peak is lr, never above it
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rising again
     assert training.lr_at(100, cfg) == pytest.approx(1e-4)
     assert lrs[55] == pytest.approx(0.5 * (1e-3 + 1e-4), rel=1e-6)  # cosine midpoint
