@@ -21,13 +21,17 @@ PLAIN = {"query": "Mia has a red ball.", "answer": "Got it.", "distance": 1, "go
 BINDING = {"query": "Tom has a blue kite. Ann has a green kite.", "answer": "Got it.", "distance": 1, "gold": "green",
            "kind": "long-range", "slot": "colour", "binding": True,
            "interactions": [{"query": "What colour is Ann's kite?", "answer": "green"}]}
+# facts and question in one message, nothing before it (the in-context row)
+INCONTEXT = {"query": "Tom has a blue kite. Ann has a green kite. What colour is Ann's kite?", "answer": "green",
+             "interactions": [], "gold": "green", "distance": 0, "kind": "in-context", "slot": "colour", "binding": True}
 # binding with a change: not in the binding row ("Now Ann's kite is ..." names her once more)
 CHANGED = dict(BINDING, kind="overwrite", query="Ann has a pink kite. Tom has a blue kite. Now Ann's kite is green.")
 
 
-def scripted(monkeypatch, writes):
+def scripted(monkeypatch, writes, budgets=None):
     """A model that keeps what was written as text and answers a question with the first colour it was told, whoever
-    it belonged to (so it recalls the plain fact and fails the binding one); anything else it answers 'ok'."""
+    it belonged to (so it recalls the plain fact and fails the binding one); anything else it answers 'ok'.
+    budgets: gets (is a question, max_new_tokens) of every call."""
     monkeypatch.setattr(evaluate, "fresh_memory", lambda model, n, g: [[] for _ in range(n)])
 
     def write(model, tok, memory, records):
@@ -35,6 +39,8 @@ def scripted(monkeypatch, writes):
         return [m + [r["query"] + " " + r["answer"]] for m, r in zip(memory, records)]
 
     def answer(model, tok, queries, memory, max_new_tokens):
+        if budgets is not None:
+            budgets.extend((q.endswith("?"), max_new_tokens) for q in queries)
         said = []
         for q, m in zip(queries, memory):
             told = re.findall(r"has a (\w+)", " ".join(m))
@@ -49,16 +55,18 @@ def scripted(monkeypatch, writes):
 def test_recall_binding_and_chat_flow_rows_on_two_episodes_worked_out_by_hand(monkeypatch, world):
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
     model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
-    writes = []
-    scripted(monkeypatch, writes)
-    cfg = dict(evaluate.DEFAULTS, distances=[1])
-    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING, CHANGED], [BINDING], cfg)
+    writes, budgets = [], []
+    scripted(monkeypatch, writes, budgets)
+    cfg = dict(evaluate.DEFAULTS, distances=[1], max_answer=5, max_turn_answer=40)
+    results = evaluate.evaluate_memory(model, tok, [PLAIN, BINDING, CHANGED], [INCONTEXT], cfg)
     recall, binding, flow = results["recall"][1], results["binding"][1], results["chat_flow"][1]
     assert recall["n"] == 3 and recall["recall"] == 1 / 3 and recall["reset_control"] == 0.0
     assert recall["chance"] == pytest.approx(1 / len(SLOTS["colour"]["values"])) and recall["by_kind"]["long-range"] == 0.5
     assert binding["n"] == 1 and binding["recall"] == 0.0  # only the clean binding episode, which the model gets wrong
     assert flow["n"] == 3 and flow["recall"] == 1 / 3 and "reset_control" not in flow
-    assert results["in_context"]["recall"] == 0.0
+    assert results["in_context"]["recall"] == 0.0 and "reset_control" not in results["in_context"]  # nothing to reset
+    # the chat flow's earlier turns get a whole answer's budget; the one-word probe its own
+    assert set(budgets) == {(True, 5), (False, 40)}
     # recall writes the reference answers; the chat flow writes the model's own ("ok"), as chat.py does
     answers = [[r["answer"] for r in w] for w in writes]
     assert ["Got it."] * 3 in answers and ["ok"] * 3 in answers
@@ -193,3 +201,5 @@ def test_answer_perplexity_does_not_depend_on_the_batch_size(world):
     together = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=4))
     alone = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=1))
     assert together["tokens"] == alone["tokens"] and together["ppl"] == pytest.approx(alone["ppl"], rel=1e-6)
+    fewer = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=4, n_per_distance=2))
+    assert 0 < fewer["tokens"] < together["tokens"]  # n_per_distance episodes, not every one of that distance

@@ -254,6 +254,16 @@ def test_a_fresh_models_gates_start_where_documented(gate_type, start):
     assert abs(share - start) < 0.05, (gate_type, share)
 
 
+def test_the_critic_reads_the_encoders_last_layer():
+    torch.manual_seed(0)
+    critic = M.Critic(M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))).eval()
+    ids, mask, stm = torch.randint(3, 64, (2, 6)), torch.ones(2, 6, dtype=torch.bool), torch.randn(2, 2, 16, 32)
+    with torch.no_grad():
+        before = critic(ids, mask, stm)
+        critic.encoder.layers[-1].ff.w_down.weight.mul_(3.0)
+        assert not torch.allclose(critic(ids, mask, stm), before)
+
+
 def test_the_critic_averages_the_query_over_its_real_tokens_only():
     torch.manual_seed(0)
     m = M.ReactiveTransformer(M.get_config("nano", vocab_size=64, **TINY))

@@ -1,5 +1,6 @@
 """The shared training plumbing: configuration, schedule, checkpoints."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,6 +47,20 @@ def test_bad_flag_exits_nonzero_and_writes_nothing(tmp_path):
 def test_every_entry_of_a_setting_is_checked_and_a_wrong_type_is_a_config_error(value, rule):
     with pytest.raises(cli.ConfigError):
         cli.check({"key": value}, key=rule)
+
+
+def test_a_run_is_evaluated_at_its_end_whatever_the_interval(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(training, "evaluate", lambda *a: seen.append(a[-1]) or {"val_loss": 0.0})
+    torch.manual_seed(0)
+    model = ReactiveTransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_q_heads=2, n_kv_heads=2,
+                                            enc_ff_dim=32, n_experts=2, top_k=1, expert_dim=32, seq_len=16, stm_size=4))
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), device="cpu", max_iters=3, eval_interval=100,
+               warmup_iters=1, log_interval=1000)
+    metrics = training.train(cfg, model, stage="test", get_batch=lambda split, step, g: None,
+                             loss_fn=lambda model, batch, step, g: (model.embed.weight.pow(2).sum(), {}),
+                             params=list(model.parameters()), device=torch.device("cpu"), ctx=contextlib.nullcontext())
+    assert seen == [2] and metrics["val_loss"] == 0.0  # the last step (0-based), though 3 < eval_interval
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
