@@ -37,6 +37,14 @@ def test_the_mlm_stage_hides_the_chosen_tokens_behind_mask(world, tmp_path, monk
     assert (masked[targets != -100] == world_tok(world).mask_id).all()
 
 
+def test_sft_decoder_never_reads_the_eds_padding(world, tmp_path, monkeypatch):
+    seen, real = [], M.ReactiveTransformer.decode
+    monkeypatch.setattr(M.ReactiveTransformer, "decode", lambda self, ids, memory, memory_mask=None, *a, **k:
+                        seen.append(memory_mask) or real(self, ids, memory, memory_mask, *a, **k))
+    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), sft=True, max_iters=1, eval_iters=1))
+    assert seen and all(m is not None and not m.all() for m in seen)  # interactions differ in length: some padding
+
+
 def test_joint_training_updates_the_mlm_head_and_not_the_memory_attention(world, tmp_path):
     tok = world_tok(world)
     m = tiny_model(tok)
