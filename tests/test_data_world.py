@@ -236,3 +236,18 @@ def test_train_bin_holds_the_training_stories_only(world):
     n_val = max(1, int(len(stories) * 0.05))
     want = sum(len(ids) + 2 for ids in tok.encode_batch(stories[:-n_val]))
     assert os.path.getsize(os.path.join(world, "train.bin")) // 2 == want
+
+
+def test_an_overwrite_episodes_rival_is_the_value_before_the_last_change():
+    eps = make_episodes(300, 5, distances=(4, 8), kinds=("overwrite",))
+    twice = 0
+    for ep in eps:
+        p, values = ep["name"], SLOTS[ep["slot"]]["values"]
+        # the later turns that name the person are the changes (the others are about other people)
+        changes = [[v for v in values if v != p and re.search(rf"\b{v}\b", t["query"])]
+                   for t in ep["interactions"][:-1] if re.search(rf"\b{p}\b", t["query"])]
+        assert all(len(c) == 1 for c in changes) and changes[-1] == [ep["gold"]]
+        if len(changes) == 2:  # told, changed, changed again: the rival is the first change's value
+            twice += 1
+            assert ep["rivals"]["overwrite"] == changes[0][0]
+    assert twice > 50
