@@ -588,7 +588,7 @@ MUTATIONS = [
      'tokenize_to_bin(iter_stories(train_path), tok, os.path.join(out_dir, "val.bin")',
      ["tests/test_data_tinystories.py"], "prepare: val.bin tokenized from the training file"),
     # round five's review: mutations the suite had not seen (28 of 40 caught by their tests; tests were then added
-    # for eleven of the twelve misses; the short download, probably equivalent, is still missed)
+    # for all twelve misses, each checked against its mutant)
     ('model.py', 'key_mask = None if attn_mask is None else attn_mask[:, None, None, :]', 'key_mask = None',
      ['tests/test_model.py', 'tests/test_formulas_and_options.py', 'tests/test_chunks.py'], 'encoder: padding mask dropped, real tokens attend to [PAD]'),
     ('model.py', '(probs * real[:, None]).sum(dim=0)])', 'probs.sum(dim=0)])',

@@ -18,6 +18,7 @@ class Handler(BaseHTTPRequestHandler):
     """Serves PAYLOAD at /file (honouring Range with 206), 404 elsewhere; records the Range headers it saw."""
     ranges = []
     honour_range = True
+    cut = 0  # bytes left out of the body while Content-Length still promises them (a connection that drops)
 
     def do_GET(self):
         if self.path != "/file":
@@ -34,7 +35,7 @@ class Handler(BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {len(PAYLOAD) - len(body)}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[:len(body) - Handler.cut])
 
     def log_message(self, *args):
         pass
@@ -42,13 +43,24 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Handler.ranges, Handler.honour_range = [], True
+    Handler.ranges, Handler.honour_range, Handler.cut = [], True, 0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
+
+
+def test_a_download_cut_short_keeps_its_part_and_is_never_taken_for_the_file(server, tmp_path):
+    dest = str(tmp_path / "f.txt")
+    Handler.cut = 1000
+    with pytest.raises(RuntimeError, match="run again to resume"):
+        download(server + "/file", dest, chunk=4096)
+    assert not os.path.exists(dest) and os.path.getsize(dest + ".part") == len(PAYLOAD) - 1000
+    Handler.cut = 0
+    download(server + "/file", dest, chunk=4096)  # the next try resumes from the part
+    assert open(dest, "rb").read() == PAYLOAD
 
 
 def test_download_writes_the_exact_bytes(server, tmp_path):
