@@ -71,7 +71,8 @@ def test_bench_counts_each_turns_tokens_and_the_baselines_kv_cache_exactly(tmp_p
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out.read_text())
-    conv, mem, turn = r["conversation"], r["memory"], 32 + 32
+    conv, mem = r["conversation"], r["memory"]
+    turn = conv["query_len"] + conv["answer_len"]  # the tokens of one interaction
     # RxT: the query and the answer, then the encoder reads the whole interaction; the baseline re-reads everything
     assert [t["tokens"] for t in conv["rxt"]["per_turn"]] == [2 * turn] * conv["turns"]
     assert [t["tokens"] for t in conv["baseline"]["per_turn"]] == [turn * n for n in range(1, conv["turns"] + 1)]
