@@ -488,8 +488,8 @@ class ResidualGate(nn.Module):
         elif kind == "per-element":  # G = sigmoid(W (STM + Update) + b), W (D, D): the content decides (the paper's)
             self.lin = nn.Linear(d_model, d_model)
         # the content gates' bias starts at 0 (init_weights), so a first write moves the STM halfway, G ~ 0.5.
-        # Starting them small like the two above, at sigmoid(-1), cost the demo 4.5-7.5 points of recall at every
-        # distance (same SFT checkpoint, only the bias changed; README "What the demo gets")
+        # Starting them small like the two above, at sigmoid(-1), cost the demo 4.5-7.5 points of recall after SMAT at
+        # every distance (same SFT checkpoint, only the bias changed; README "What the demo gets")
 
     def forward(self, stm, update):  # (B, S, D) each
         if self.kind == "none":  # plain residual: norms grow turn after turn (kept to show why the gate exists)

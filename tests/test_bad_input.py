@@ -184,6 +184,10 @@ def test_settings_refuse_a_bool_for_a_number_zero_for_a_positive_one_and_distanc
         cli.check({"lr": 0}, lr=cli.POSITIVE)
     with pytest.raises(cli.ConfigError, match="distances"):
         cli.check({"distances": [0, 1]}, distances=cli.DISTANCES)
-    with pytest.raises(cli.ConfigError, match="smat_curriculum"):
-        cli.check({"smat_curriculum": [[1], [0]]}, smat_curriculum=cli.CURRICULUM)
+    for bad in ([[1], [0]], [[1, 2], "4"]):  # every entry is checked, not only the first
+        with pytest.raises(cli.ConfigError, match="smat_curriculum"):
+            cli.check({"smat_curriculum": bad}, smat_curriculum=cli.CURRICULUM)
+    for value, rule in (("abc", cli.POSITIVE), ([1], cli.at_least(0))):  # a rule that raises on the type: a bad value
+        with pytest.raises(cli.ConfigError, match="lr"):
+            cli.check({"lr": value}, lr=rule)
     cli.check({"lr": 1e-9, "distances": [1, 2]}, lr=cli.POSITIVE, distances=cli.DISTANCES)

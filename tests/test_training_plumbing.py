@@ -42,13 +42,6 @@ def test_bad_flag_exits_nonzero_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value,rule", [([[1], [0]], cli.CURRICULUM), ([[1, 2], "4"], cli.CURRICULUM),
-                                        ("abc", cli.POSITIVE), ([1], cli.at_least(0))])
-def test_every_entry_of_a_setting_is_checked_and_a_wrong_type_is_a_config_error(value, rule):
-    with pytest.raises(cli.ConfigError):
-        cli.check({"key": value}, key=rule)
-
-
 def test_a_run_is_evaluated_at_its_end_whatever_the_interval(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(training, "evaluate", lambda *a: seen.append(a[-1]) or {"val_loss": 0.0})
