@@ -33,6 +33,8 @@ def test_bench_quick_writes_every_section(tmp_path):
     attn = r["attention"]
     assert set(attn["variants"]) == {"MHA", "GQA", "MQA", "SQA", "sSQA", "xSQA"}
     for v in attn["variants"].values():
+        # attention scores cost ~ query heads: SQA's theoretical speed-up is H / Hq, whatever its key/value heads
+        assert v["theory_score_speedup"] == attn["n_heads"] / v["n_q_heads"]
         for m in v["by_len"].values():
             assert m["forward_s"] > 0 and m["forward_backward_s"] > 0 and m["forward_speedup"] > 0
 

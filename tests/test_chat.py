@@ -116,3 +116,28 @@ def test_sampling_with_top_k_off_answers(checkpoint):
     session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8, temperature=1.0, top_k=0))
     assert isinstance(session.answer("Mia has a red ball.", io.StringIO()), str)
     session.wait()
+
+
+def test_commands_reach_the_session_and_an_unknown_one_never_reaches_the_model(monkeypatch, capsys):
+    class Session:
+        calls = []
+
+        def reset(self):
+            self.calls.append("reset")
+
+        def memory_report(self):
+            return "report"
+
+        def answer(self, query, out):
+            self.calls.append(query)
+            out.write("ok")
+
+    lines = iter(["/frobnicate", "/reset", "Hi!", "/quit", "never read"])
+
+    def read(prompt=""):
+        return next(lines)
+    monkeypatch.setattr("builtins.input", read)
+    chat.converse(Session(), interactive=False)
+    out = capsys.readouterr().out
+    assert Session.calls == ["reset", "Hi!"]  # the unknown command is not a query; /quit ends the chat
+    assert "unknown command /frobnicate" in out and "(memory reset)" in out and "rxt> ok" in out

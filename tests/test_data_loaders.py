@@ -118,3 +118,13 @@ def test_an_answer_that_ends_with_eos_gets_no_second_one(world):
     a = tok.encode("Hello") + [tok.eos_id]
     ids, attn_mask, _ = join_answers(q_ids, q_mask, torch.tensor([a]), torch.tensor([len(a)]), tok)
     assert ids[0][attn_mask[0]].tolist() == q_ids[0][q_mask[0]].tolist() + a
+
+
+def test_mlm_masks_the_first_token_only_as_often_as_any_other_unless_nothing_else_was_chosen():
+    ids = torch.arange(2000 * 40).view(2000, 40) % 50 + 10
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    masked, targets = mlm_inputs(ids, mask, 3, 0.15, torch.Generator().manual_seed(0))
+    chosen = masked == 3
+    assert abs(chosen[:, 0].float().mean().item() - 0.15) < 0.03 and abs(chosen.float().mean().item() - 0.15) < 0.01
+    few, _ = mlm_inputs(ids[:200, :4], mask[:200, :4], 3, 0.01, torch.Generator().manual_seed(0))
+    assert ((few == 3).sum(dim=1) >= 1).all()  # a row whose draws chose nothing still gets one token to predict

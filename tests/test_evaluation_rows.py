@@ -85,6 +85,7 @@ def test_the_stateless_baseline_answers_with_the_whole_history_in_its_prompt(mon
     monkeypatch.setattr(engine, "generate", generate)
     history = evaluate.write(model, tok, evaluate.fresh_memory(model, 1, None), [PLAIN])
     assert history == [[PLAIN]]
+    assert evaluate.write(model, tok, history, [BINDING]) == [[PLAIN, BINDING]]  # every turn stays, in order
     evaluate.answer(model, tok, ["What colour is Mia's ball?"], history, 4)
     want = render_dialogue(tok, [PLAIN], model.cfg.seq_len - 4 - 1, query="What colour is Mia's ball?")[0]
     assert prompts == [[want]] and tok.encode("Mia has a red ball.")[0] in want
@@ -203,3 +204,23 @@ def test_answer_perplexity_does_not_depend_on_the_batch_size(world):
     assert together["tokens"] == alone["tokens"] and together["ppl"] == pytest.approx(alone["ppl"], rel=1e-6)
     fewer = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=4, n_per_distance=2))
     assert 0 < fewer["tokens"] < together["tokens"]  # n_per_distance episodes, not every one of that distance
+
+
+def test_a_hit_is_the_gold_word_itself_not_an_answer_that_contains_it(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    said = iter([["Red.", "red and green"]])
+    monkeypatch.setattr(evaluate, "write", lambda model, tok, memory, records: memory)
+    monkeypatch.setattr(evaluate, "answer", lambda model, tok, queries, memory, n: next(said))
+    two_reds = [PLAIN, dict(PLAIN, query="Mia has a red and green ball.")]
+    assert evaluate.play(model, tok, two_reds, dict(evaluate.DEFAULTS, batch_size=2)) == [1.0, 0.0]
+
+
+def test_answer_perplexity_of_a_model_that_knows_nothing_is_the_vocabulary_size(world, monkeypatch):
+    """Uniform next-token probabilities: every answer token costs log V nats, so the perplexity is exactly V."""
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    monkeypatch.setattr(model, "decode", lambda ids, stm: (torch.zeros(*ids.shape, tok.vocab_size), None, None))
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_test.jsonl")) if ep["distance"] == 1][:2]
+    result = evaluate.answer_tokens(model, tok, eps, dict(evaluate.DEFAULTS, distances=[1], n_per_distance=2))
+    assert result["tokens"] > 0 and result["ppl"] == pytest.approx(tok.vocab_size, rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 import engine
 import rl
 import train_mrl
-from conftest import TINY
+from conftest import TINY, tiny_flags
 from data.loaders import episode_turns
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
@@ -146,3 +146,26 @@ def test_mrl_detaches_each_writes_input_only_when_asked(world, monkeypatch):
         inputs.clear()
         rl.impo_loss(model, critic, play, dict(cfg, mrl_detach_stm=detach))
         assert inputs == [False] + [not detach] * len(play["steps"]), detach  # the first: the rollout's fresh STM
+
+
+def test_the_value_loss_trains_the_critic_and_mrl_hands_the_critic_to_the_optimizer(world, monkeypatch):
+    tok, model, cfg = setup(world, mrl_value_coef=1.0)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    loss, _ = rl.impo_loss(model, critic, play, cfg)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.head.parameters())
+    seen = {}
+    monkeypatch.setattr(train_mrl.training, "train", lambda cfg, model, **kw: seen.update(kw) or {})
+    train_mrl.train_mrl(cfg, model, tok, None, torch.device("cpu"), None, 0, 1)
+    optimised = {id(p) for p in seen["params"]}
+    assert all(id(p) in optimised for p in seen["extra_modules"]["critic"].parameters())
+
+
+def test_a_short_phase_warms_up_over_a_tenth_of_its_steps(world, tmp_path, monkeypatch):
+    """A phase shorter than the warmup would never reach its lr: its warmup is cut to a tenth of its steps."""
+    seen = {}
+    monkeypatch.setitem(train_mrl.TRAIN, "smat", lambda pcfg, *a: seen.update(pcfg) or {})
+    train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases="smat", smat_iters=20, warmup_iters=100,
+                              smat_curriculum=[[1]]))
+    assert seen["max_iters"] == 20 and seen["warmup_iters"] == 2 and seen["lr"] == train_mrl.DEFAULTS["smat_lr"]

@@ -4,6 +4,7 @@ data or on distances they were told to leave out."""
 
 import os
 
+import pytest
 import torch
 
 import model as M
@@ -134,3 +135,25 @@ def test_memory_pretraining_trains_each_write_on_its_own_turn(world):
     turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
     train_mrl.memory_pretrain_loss(model, turns, dict(train_mrl.DEFAULTS), torch.Generator().manual_seed(0))
     assert spy.seen == [False] * len(turns)
+
+
+def test_story_stages_train_on_train_bin_and_evaluate_on_val_bin(world, tmp_path, monkeypatch):
+    for module, extra in ((train_mlm, {}), (train_baseline, dict(dialogue=False, model_args={**TINY, "n_layers": 2}))):
+        read, real = [], module.get_lm_batch
+        monkeypatch.setattr(module, "get_lm_batch", lambda path, *a, **kw: read.append(os.path.basename(path)) or
+                            real(path, *a, **kw))
+        module.main(tiny_flags(**dict(dict(data_dir=world, out_dir=str(tmp_path / module.__name__), max_iters=2,
+                                           eval_interval=2, eval_iters=1), **extra)))
+        assert read == ["train.bin", "train.bin", "val.bin"], module.__name__  # two steps, then one evaluation
+
+
+def test_the_baselines_loss_adds_the_weighted_balancing_loss(world, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_baseline.training, "train", lambda cfg, model, **kw: seen.update(kw, model=model) or {})
+    train_baseline.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), dialogue=False, aux_weight=0.5,
+                                   model_args={**TINY, "n_layers": 2}))
+    batch = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
+    loss, metrics = seen["loss_fn"](seen["model"], batch, 0, None)
+    _, ar_loss, aux_loss = seen["model"](*batch)
+    assert aux_loss.item() > 0.5  # about 1 for any routing: the term is there to see
+    assert loss.item() == pytest.approx(ar_loss.item() + 0.5 * aux_loss.item(), rel=1e-5)

@@ -25,6 +25,8 @@ def test_config_files_and_flags_override_in_order(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--batch_sise=4"], "unknown config key 'batch_sise'"),
     (["--batch_size=abc"], "must be int"),
+    (["--batch_size=True"], "must be int, got bool"),  # a bool is an int to isinstance, never a batch size
+    (["--lr=True"], "must be float, got bool"),
     (["--lr"], "expected --key=value"),
     (["config/does_not_exist.py"], "config file not found"),
 ])
@@ -154,3 +156,5 @@ def test_a_stage_resumes_only_from_its_own_checkpoint(tmp_path):
     assert step == 0 and metrics == {} and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     _, step, metrics = training.start(cfg, m, list(m.parameters()), stage="joint", device="cpu")
     assert step == 7 and metrics == {"loss": 1.5}  # its own stage's checkpoint does resume
+    _, step, metrics = training.start(dict(cfg, resume=False), m, list(m.parameters()), stage="joint", device="cpu")
+    assert step == 0 and metrics == {}  # resume=False starts over, whatever out_dir holds
