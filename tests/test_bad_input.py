@@ -191,3 +191,13 @@ def test_settings_refuse_a_bool_for_a_number_zero_for_a_positive_one_and_distanc
         with pytest.raises(cli.ConfigError, match="lr"):
             cli.check({"lr": value}, lr=rule)
     cli.check({"lr": 1e-9, "distances": [1, 2]}, lr=cli.POSITIVE, distances=cli.DISTANCES)
+
+
+def test_a_bad_setting_exits_2_and_a_missing_file_exits_1(tmp_path, capsys):
+    """Scripts tell the two apart: 2 for a bad flag or setting (fix the command), 1 for a file problem."""
+    for main, argv in [(bench.main, ["--turns=1", "--quick"]), (bench.main, ["--no-such-flag"]),
+                       (memory_world.main, ["--no-such-flag"]), (train_mlm.main, ["--max_iters=0"])]:
+        code, err = run(main, argv, capsys)
+        assert code == 2, (main.__module__, argv, err)
+    code, err = run(train_mlm.main, [f"--data_dir={tmp_path / 'nowhere'}"], capsys)
+    assert code == 1 and "not found" in err

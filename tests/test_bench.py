@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,6 +27,12 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert conv[name]["turn_n_over_turn_1"] > 0 and conv[name]["peak_memory_bytes"] > 0
         assert conv[name]["decode_token_s"] > 0 and conv[name]["aten_ops_per_token"] > 10
     assert all(t["update"] > 0 for t in conv["rxt"]["per_turn"])
+    # what the user waits for is the answer; RxT's memory update runs after it, in the background
+    for name in ("rxt", "baseline"):
+        assert all(t["user"] == pytest.approx(t["prefill"] + t["generation"]) for t in conv[name]["per_turn"])
+        assert conv[name]["total_user_s"] == pytest.approx(sum(t["user"] for t in conv[name]["per_turn"]))
+    assert conv["total_user_baseline_over_rxt"] == pytest.approx(conv["baseline"]["total_user_s"] /
+                                                                 conv["rxt"]["total_user_s"])
     # the baseline re-reads the history: its prompt grows by one interaction per turn, RxT's work per turn does not
     base_tokens = [t["tokens"] for t in conv["baseline"]["per_turn"]]
     assert base_tokens == sorted(base_tokens) and base_tokens[-1] > base_tokens[0]

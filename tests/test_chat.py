@@ -141,3 +141,15 @@ def test_commands_reach_the_session_and_an_unknown_one_never_reaches_the_model(m
     out = capsys.readouterr().out
     assert Session.calls == ["reset", "Hi!"]  # the unknown command is not a query; /quit ends the chat
     assert "unknown command /frobnicate" in out and "(memory reset)" in out and "rxt> ok" in out
+
+
+def test_the_truncation_notice_counts_tokens_not_words(checkpoint, capsys):
+    model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=8))
+    session.answer("Mia has a red ball and a blue kite.", io.StringIO())
+    assert "truncated" not in capsys.readouterr().err
+    word = "qzx" * 200  # one word, hundreds of tokens
+    assert len(tok.encode(word)) > model.cfg.seq_len
+    session.answer(word, io.StringIO())
+    session.wait()
+    assert "truncated" in capsys.readouterr().err

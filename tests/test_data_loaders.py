@@ -128,3 +128,14 @@ def test_mlm_masks_the_first_token_only_as_often_as_any_other_unless_nothing_els
     assert abs(chosen[:, 0].float().mean().item() - 0.15) < 0.03 and abs(chosen.float().mean().item() - 0.15) < 0.01
     few, _ = mlm_inputs(ids[:200, :4], mask[:200, :4], 3, 0.01, torch.Generator().manual_seed(0))
     assert ((few == 3).sum(dim=1) >= 1).all()  # a row whose draws chose nothing still gets one token to predict
+
+
+def test_episode_tensors_pad_to_adds_padding_that_is_masked_and_has_no_target():
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    eps = [{"query": "ab", "answer": "c", "distance": 1, "interactions": [{"query": "d?", "answer": "e"}]}]
+    short = episode_tensors(tok, eps, 32, "cpu")
+    long = episode_tensors(tok, eps, 32, "cpu", pad_to=24)
+    for (ids, mask, targets), (pids, pmask, ptargets) in zip(short, long):
+        n = ids.size(1)
+        assert pids.size(1) == 24 and torch.equal(pmask[:, :n], mask) and not pmask[:, n:].any()
+        assert (pids[:, n:] == tok.pad_id).all() and (ptargets[:, n:] == IGNORE).all()

@@ -251,3 +251,14 @@ def test_an_overwrite_episodes_rival_is_the_value_before_the_last_change():
             twice += 1
             assert ep["rivals"]["overwrite"] == changes[0][0]
     assert twice > 50
+
+
+def test_the_worlds_val_bin_holds_the_last_stories_and_train_bin_the_others(world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    stories = list(iter_stories(os.path.join(world, "stories.txt")))
+    bins = {s: np.fromfile(os.path.join(world, f"{s}.bin"), dtype=np.uint16).tolist() for s in ("train", "val")}
+    n_val = bins["val"].count(tok.bos_id)
+    assert 0 < n_val < len(stories) and bins["train"].count(tok.bos_id) == len(stories) - n_val
+    first_val = stories[-n_val]
+    assert bins["val"][1:1 + len(tok.encode(first_val))] == tok.encode(first_val)
+    assert bins["train"][1:1 + len(tok.encode(stories[0]))] == tok.encode(stories[0])

@@ -103,7 +103,7 @@ def test_chance_is_one_over_the_values_the_slot_can_take():
     assert evaluate.chance({"slot": "food"}) == 1 / len(SLOTS["food"]["values"])
 
 
-def test_answer_perplexity_weighs_every_answer_token_the_same(world):
+def test_answer_perplexity_weighs_every_answer_token_the_same(world, monkeypatch):
     """Batches hold different numbers of answer tokens: the perplexity is over tokens, not a mean of batch means."""
     from data.memory_world import read_jsonl
     tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
@@ -116,6 +116,13 @@ def test_answer_perplexity_weighs_every_answer_token_the_same(world):
     nll = sum(math.log(a["ppl"]) * a["tokens"] for a in alone) / sum(a["tokens"] for a in alone)
     assert batched["tokens"] == sum(a["tokens"] for a in alone)
     assert math.log(batched["ppl"]) == pytest.approx(nll, rel=1e-4)
+    # accuracy likewise, for a model that always says [EOS]: right once per answer, answers of different lengths
+    eos = torch.nn.functional.one_hot(torch.tensor(tok.eos_id), tok.vocab_size).float()
+    monkeypatch.setattr(model, "decode", lambda ids, stm: (eos.expand(*ids.shape, -1), None, None))
+    batched = evaluate.answer_tokens(model, tok, eps, dict(cfg, batch_size=2))
+    alone = [evaluate.answer_tokens(model, tok, [ep], dict(cfg, batch_size=1)) for ep in eps]
+    acc = sum(a["acc"] * a["tokens"] for a in alone) / sum(a["tokens"] for a in alone)
+    assert len({a["acc"] for a in alone}) > 1 and batched["acc"] == pytest.approx(acc, rel=1e-5)
 
 
 def span_episode(layout, facts, gold, probe):
@@ -224,3 +231,28 @@ def test_answer_perplexity_of_a_model_that_knows_nothing_is_the_vocabulary_size(
     eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_test.jsonl")) if ep["distance"] == 1][:2]
     result = evaluate.answer_tokens(model, tok, eps, dict(evaluate.DEFAULTS, distances=[1], n_per_distance=2))
     assert result["tokens"] > 0 and result["ppl"] == pytest.approx(tok.vocab_size, rel=1e-4)
+
+
+def test_the_tables_reset_control_and_chance_lines_show_their_own_numbers():
+    row = {"recall": 0.5, "reset_control": 0.125, "chance": 0.25, "n": 8, "by_kind": dict.fromkeys(evaluate.KINDS, 0.5)}
+    results = {"recall": {1: row, 2: None}, "binding": {1: None, 2: None}, "chat_flow": {1: None, 2: None},
+               "in_context": None}
+    lines = evaluate.format_table(results).splitlines()
+    first = [line.split("|")[0].strip() for line in lines].index("recall")
+    recall, control, chance = (line.split("|")[1].strip() for line in lines[first:first + 3])
+    assert (recall, control, chance) == ("50.0%", "12.5%", "25.0%")
+
+
+def test_the_baselines_prompt_leaves_room_in_its_context_for_the_answer(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = StatelessDecoder(get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, seq_len=64)))
+    lengths = []
+
+    def generate(m, ids, attn_mask=None, stm=None, max_new_tokens=None, **kw):
+        lengths.append(int(attn_mask.sum(dim=1).max()) + max_new_tokens)
+        return torch.full((ids.size(0), 1), tok.eos_id), torch.ones(ids.size(0), dtype=torch.long)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    history = [[{"query": "Hi.", "answer": "Hello."}] * 20]  # far more than 64 tokens, in short turns
+    evaluate.answer(model, tok, ["What colour is Ann's kite?"], history, 8)
+    assert lengths and lengths[0] <= model.cfg.seq_len  # the prompt plus the longest answer fit the context

@@ -5,6 +5,8 @@ import glob
 import os
 import subprocess
 
+import pytest
+
 import cli
 import demo
 
@@ -62,6 +64,10 @@ def test_progress_in_a_log_file_is_a_line_every_tenth(capsys):
             pass
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) <= 10 and lines[-1].startswith(f"steps: {total}/{total}"), total
+    for _ in cli.progress(range(500, 1000), desc="steps", total=1000, initial=500):  # a resumed run
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["600/1000", "700/1000", "800/1000", "900/1000", "1000/1000"]
 
 
 def test_the_demo_runs_its_final_phase_and_evaluates_that_checkpoint():
@@ -82,3 +88,12 @@ def test_the_demo_stops_at_the_first_stage_that_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.subprocess, "run", run)
     assert demo.main(["--no-chat"]) == 1
     assert len(ran) == 2 and "config/nano_mlm.py" in ran[-1]  # the world, then MLM failed: nothing after it
+
+
+@pytest.mark.parametrize("code", [1, -9])  # -9: the stage was killed (out of memory, Ctrl-C's group kill)
+def test_the_demo_stops_at_a_stage_that_failed_or_was_killed(tmp_path, monkeypatch, capsys, code):
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, code))
+    assert demo.main(["--no-chat"]) == 1
+    assert len(ran) == 1 and "failed" in capsys.readouterr().err  # nothing ran after the failed stage

@@ -480,3 +480,30 @@ def test_balancing_loss_gradient_reaches_the_router():
     _, routing = moe(torch.randn(2, 16, 16))
     model.balancing_loss(routing[None]).backward()
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "d_model", "n_layers", "n_heads", "n_q_heads", "n_kv_heads",
+                                   "enc_ff_dim", "n_experts", "top_k", "expert_dim", "seq_len", "stm_size"])
+def test_a_size_of_zero_is_refused(field):
+    with pytest.raises(ValueError, match=f"{field}.* must be positive"):
+        model.get_config("nano", **{field: 0})
+
+
+def test_a_fresh_models_linear_biases_start_at_zero():
+    torch.manual_seed(0)
+    m = ReactiveTransformer(model.get_config("nano"))
+    biases = [(name, mod.bias) for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
+              and mod.bias is not None]
+    assert biases and all(torch.count_nonzero(b) == 0 for _, b in biases), [n for n, b in biases if b.any()]
+
+
+def test_a_batch_generates_until_every_row_has_said_eos():
+    torch.manual_seed(0)
+    m = ReactiveTransformer(model.get_config("nano", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_q_heads=2,
+                                             n_kv_heads=2, enc_ff_dim=32, expert_dim=32, seq_len=32, stm_size=8)).eval()
+    ids, stm = torch.randint(5, 97, (6, 5), generator=torch.Generator().manual_seed(1)), m.new_memory(6)
+    free, _ = engine.generate(m, ids, stm=stm, max_new_tokens=6, temperature=0)  # (6, 6), no [EOS]
+    # a token row 0 says first and some other row never says: as [EOS], row 0 stops at once and that row goes on
+    other = next(b for b in range(1, 6) if free[0, 0] not in free[b])
+    tokens, lengths = engine.generate(m, ids, stm=stm, max_new_tokens=6, temperature=0, eos_id=int(free[0, 0]))
+    assert lengths[0] == 1 and lengths[other] == 6 and torch.equal(tokens[other], free[other])

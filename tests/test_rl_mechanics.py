@@ -169,3 +169,14 @@ def test_a_short_phase_warms_up_over_a_tenth_of_its_steps(world, tmp_path, monke
     train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases="smat", smat_iters=20, warmup_iters=100,
                               smat_curriculum=[[1]]))
     assert seen["max_iters"] == 20 and seen["warmup_iters"] == 2 and seen["lr"] == train_mrl.DEFAULTS["smat_lr"]
+
+
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_the_episode_pools_are_sorted_by_length_only_when_batches_come_from_length_buckets(world, tmp_path,
+                                                                                          monkeypatch, buckets):
+    seen, real = [], train_mrl.episode_pools
+    monkeypatch.setattr(train_mrl, "episode_pools", lambda *a, **kw: seen.append(kw.get("by_length")) or real(*a, **kw))
+    monkeypatch.setitem(train_mrl.TRAIN, "smat", lambda *a: {})
+    train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases="smat", length_buckets=buckets,
+                              smat_curriculum=[[1]]))
+    assert seen == [buckets > 1]  # off (1 bucket), the pools and so every draw are exactly those of no buckets

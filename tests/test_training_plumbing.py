@@ -158,3 +158,41 @@ def test_a_stage_resumes_only_from_its_own_checkpoint(tmp_path):
     assert step == 7 and metrics == {"loss": 1.5}  # its own stage's checkpoint does resume
     _, step, metrics = training.start(dict(cfg, resume=False), m, list(m.parameters()), stage="joint", device="cpu")
     assert step == 0 and metrics == {}  # resume=False starts over, whatever out_dir holds
+
+
+def test_every_parameter_group_follows_the_schedule():
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg())
+    params = list(m.parameters())
+    cfg = dict(training.TRAIN_DEFAULTS, lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    opt = training.make_optimizer(params, cfg, "cpu")
+    for step in (0, 5, 50):
+        lr, _ = training.update(params, opt, m.embed.weight.pow(2).sum(), step, cfg)
+        assert len(opt.param_groups) == 2 and [g["lr"] for g in opt.param_groups] == [training.lr_at(step, cfg)] * 2
+
+
+def test_a_data_parallel_runs_throughput_counts_every_ranks_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "check_ranks_agree", lambda *a: None)
+    m = ReactiveTransformer(tiny_cfg())
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), max_iters=4)
+    one = training.finish(cfg, m, None, [], stage="t", metrics={}, seconds=2.0, tokens=100, world=1)
+    two = training.finish(cfg, m, None, [], stage="t", metrics={}, seconds=2.0, tokens=100, world=2)
+    assert one["tokens_per_s"] == 50 and two["tokens_per_s"] == 100  # each rank counted its own 100 tokens
+
+
+def test_a_constant_learning_rate_is_allowed_and_a_rising_one_refused():
+    cfg = dict(training.TRAIN_DEFAULTS, lr=1e-3, min_lr=1e-3, device="cpu")
+    training.setup(dict(cfg))  # min_lr = lr: a constant schedule
+    with pytest.raises(cli.ConfigError, match="min_lr"):
+        training.setup(dict(cfg, min_lr=2e-3))
+
+
+@pytest.mark.parametrize("vocab", [40, 60])
+def test_init_from_a_checkpoint_whose_vocab_is_not_the_tokenizers_is_refused(tmp_path, vocab):
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, ReactiveTransformer(tiny_cfg(vocab_size=vocab)), stage="joint", step=1, cfg={})
+
+    class Tok:
+        vocab_size = 50
+    with pytest.raises(cli.CheckpointError, match=f"vocab {vocab}, tokenizer 50"):
+        training.init_model(dict(training.TRAIN_DEFAULTS, init_from=path), Tok(), "cpu")
