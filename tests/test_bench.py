@@ -43,12 +43,16 @@ def test_bench_quick_writes_every_section(tmp_path):
     for v in attn["variants"].values():
         # attention scores cost ~ query heads: SQA's theoretical speed-up is H / Hq, whatever its key/value heads
         assert v["theory_score_speedup"] == attn["n_heads"] / v["n_q_heads"]
-        for m in v["by_len"].values():
+        for T, m in v["by_len"].items():
             assert m["forward_s"] > 0 and m["forward_backward_s"] > 0 and m["forward_speedup"] > 0
+            mha = attn["variants"]["MHA"]["by_len"][T]  # a speed-up over MHA: MHA's time over this variant's
+            assert m["forward_speedup"] == pytest.approx(mha["forward_s"] / m["forward_s"])
 
     train = r["training"]
     assert train["matmul_fp32_flops_per_s"] > 0 and train["presets"]
     assert all(p["tokens_per_s"] > 0 and p["flops_per_s"] > 0 for p in train["presets"].values())
+    for p in train["presets"].values():  # forward and backward: 6 FLOPs per active matmul parameter per token
+        assert p["flops_per_s"] == pytest.approx(6 * p["active_matmul_params"] * p["tokens_per_s"])
 
     mem = r["memory"]
     assert mem["stm_bytes"] > 0 and all(v > 0 for v in mem["peak_memory_bytes"].values())

@@ -153,3 +153,20 @@ def test_the_truncation_notice_counts_tokens_not_words(checkpoint, capsys):
     session.answer(word, io.StringIO())
     session.wait()
     assert "truncated" in capsys.readouterr().err
+
+
+def test_answers_up_to_half_the_context_are_allowed(checkpoint, monkeypatch, capsys):
+    model, _, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    half = model.cfg.seq_len // 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no input: the chat starts and ends at once
+    assert chat.main([f"--ckpt={checkpoint}", f"--max_new_tokens={half}"]) is None
+    with pytest.raises(chat.cli.ConfigError, match="max_new_tokens"):
+        chat.main([f"--ckpt={checkpoint}", f"--max_new_tokens={half + 1}"])
+
+
+def test_memory_report_gives_the_last_updates_change_relative_to_the_memory_before_it(checkpoint):
+    model, tok, _ = chat.load(dict(chat.DEFAULTS, ckpt=checkpoint))
+    session = chat.Session(model, tok, dict(chat.DEFAULTS, max_new_tokens=4))
+    session.previous = torch.ones_like(session.stm)
+    session.stm = 3 * torch.ones_like(session.stm)  # changed by 2, which is 200% of before (67% of after)
+    assert session.memory_report().count("last update changed it by 200.0%") == model.cfg.n_layers

@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import re
@@ -262,3 +263,22 @@ def test_the_worlds_val_bin_holds_the_last_stories_and_train_bin_the_others(worl
     first_val = stories[-n_val]
     assert bins["val"][1:1 + len(tok.encode(first_val))] == tok.encode(first_val)
     assert bins["train"][1:1 + len(tok.encode(stories[0]))] == tok.encode(stories[0])
+
+
+def test_the_probed_fact_is_told_first_or_second_in_turn_one(train):
+    """Where the question's fact stands among turn 1's two facts is drawn: a model cannot learn 'the first one'."""
+    firsts = [ep["gold"] in ep["query"].split(". ")[0] for ep in train if ep["kind"] == "long-range"]
+    assert len(firsts) > 50 and 0.3 < sum(firsts) / len(firsts) < 0.7
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_the_world_cli_acknowledges_facts_unless_asked_to_echo_them(tmp_path, echo):
+    from data.memory_world import ACKS, main
+    out = tmp_path / "w"
+    main([f"--out_dir={out}", "--n_stories=100", "--n_interactions=50", "--n_episodes=300", "--n_test_episodes=30",
+          "--vocab_size=300"] + (["--echo"] if echo else []))
+    eps = [json.loads(line) for line in open(out / "episodes_train.jsonl")]
+    answers = [ep["answer"] for ep in eps]
+    assert all((a in ACKS) != echo for a in answers)
+    if echo:
+        assert all(ep["answer"].startswith(ep["query"]) for ep in eps)

@@ -192,3 +192,33 @@ def test_own_rejected_answers_are_the_models_greedy_answers(world, monkeypatch):
     rl.dmpo_loss(model, deepcopy(model), batch_of(tok, eps, {"own": 1.0}), dict(train_mrl.DEFAULTS, seq_len=64), tok,
                  torch.Generator().manual_seed(0))
     assert [r["answer"] for r in seen[0]] == ["zebra"] * 3
+
+
+def test_dmpo_detaches_each_writes_input_only_when_asked(world, monkeypatch):
+    tok, model = setup(world)
+    reference = deepcopy(model).requires_grad_(False)
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
+    batch = batch_of(tok, eps, {"other": 1.0})
+    inputs, real = [], model.update_memory
+    monkeypatch.setattr(model, "update_memory", lambda stm, *a: inputs.append(stm.requires_grad) or real(stm, *a))
+    for detach in (False, True):
+        inputs.clear()
+        rl.dmpo_loss(model, reference, batch, dict(train_mrl.DEFAULTS, seq_len=64, dmpo_detach_stm=detach), tok,
+                     torch.Generator().manual_seed(0))
+        assert inputs == [False] + [not detach] * (len(batch["turns"]) - 2), detach  # the first: a fresh STM
+
+
+def test_dmpos_fallback_for_a_right_own_answer_is_always_another_value(world, monkeypatch):
+    """'own' needs the model's wrong answer; where it is right, the pair falls back to another value, never to
+    'own' again (which has no text) - whatever the mix."""
+    tok, model = setup(world)
+    cfg = dict(train_mrl.DEFAULTS, seq_len=64, dmpo_pairs={"own": 1.0}, init_from="x", dmpo_curriculum=[[1]],
+               max_iters=2)
+    seen = {}
+    monkeypatch.setattr(train_mrl.training, "init_model", lambda *a: model)
+    monkeypatch.setattr(train_mrl.training, "train", lambda cfg, model, **kw: seen.update(kw) or {})
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 1]
+    train_mrl.train_dmpo(cfg, model, tok, {"train": {1: eps}}, torch.device("cpu"), None, 0, 1)
+    batch = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
+    assert {kind for kind, _ in batch["rejected"]} == {"own"}
+    assert all(isinstance(text, str) and text for text in batch["fallback"])

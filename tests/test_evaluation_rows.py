@@ -10,6 +10,7 @@ import torch
 
 import engine
 import evaluate
+import training
 from conftest import TINY
 from data.loaders import render_dialogue
 from data.memory_world import SLOTS, read_jsonl
@@ -256,3 +257,28 @@ def test_the_baselines_prompt_leaves_room_in_its_context_for_the_answer(monkeypa
     history = [[{"query": "Hi.", "answer": "Hello."}] * 20]  # far more than 64 tokens, in short turns
     evaluate.answer(model, tok, ["What colour is Ann's kite?"], history, 8)
     assert lengths and lengths[0] <= model.cfg.seq_len  # the prompt plus the longest answer fit the context
+
+
+def test_per_kind_recall_counts_each_kinds_own_hits(monkeypatch, world):
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    model = ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    scripted(monkeypatch, [])
+    result = evaluate.score(model, tok, [PLAIN, dict(PLAIN, kind="overwrite", gold="blue")],
+                            dict(evaluate.DEFAULTS, batch_size=2))
+    assert result["by_kind"]["long-range"] == 1.0 and result["by_kind"]["overwrite"] == 0.0
+
+
+def test_without_a_binding_file_the_binding_row_scores_the_recall_episodes_binding_ones(monkeypatch, world, tmp_path):
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate_memory", lambda *a: seen.update(binding=a[-1]) or {})
+    monkeypatch.setattr(evaluate, "format_table", lambda results: "")
+    tok = Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
+    ckpt = tmp_path / "ckpt.pt"
+    training.save_checkpoint(str(ckpt), ReactiveTransformer(get_config("nano", vocab_size=tok.vocab_size, **TINY)),
+                             stage="smat", step=1, cfg={}, tokenizer=tok)
+    data = tmp_path / "world"
+    data.mkdir()
+    for name in ("tokenizer.tiktoken", "episodes_test.jsonl"):
+        (data / name).write_bytes(open(os.path.join(world, name), "rb").read())
+    evaluate.main([f"--ckpt={ckpt}", f"--data_dir={data}", f"--out={tmp_path / 'eval.json'}", "--distances=[1]"])
+    assert seen["binding"] is None  # evaluate_memory then takes the binding episodes among the recall ones

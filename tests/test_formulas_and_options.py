@@ -291,3 +291,15 @@ def test_every_norm_of_the_encoder_decoder_and_memory_attention_shapes_the_outpu
         assert any(not torch.allclose(a, b) for a, b in zip(base, outputs(m))), name
         with torch.no_grad():
             norm.weight.div_(torch.linspace(0.5, 1.5, norm.weight.numel()))
+
+
+def test_the_per_slot_gate_reads_what_it_mixes_from_the_start():
+    """G = sigmoid(w * mean_D(STM + Update) + b) with w = 1, b = -1 at init: a slot whose STM + Update averages 1
+    gets G = sigmoid(0) = 0.5, one that averages 0 gets sigmoid(-1)."""
+    gate = M.ResidualGate("per-slot", 2, 4)
+    stm = torch.tensor([[[1.0] * 4, [0.0] * 4]])  # (1, S=2, D=4): slot means 1 and 0 (update 0)
+    update = torch.zeros_like(stm)
+    update[0, 0] += 3.0  # slot 0: STM + Update averages 4 -> sigmoid(3)
+    with torch.no_grad():
+        g = (gate(stm, update) - stm) / (update - stm).where(update != stm, torch.ones_like(stm))
+    assert g[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), rel=1e-5)

@@ -54,6 +54,7 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
         return real_update(stm, ids, attn_mask, chunks)
 
     def generate(*args, **kw):
+        assert kw["eos_id"] == tok.eos_id  # a sampled answer ends at its [EOS], as it would in a chat
         out = real_generate(*args, **kw)
         sampled.append(out)
         return out
@@ -180,3 +181,12 @@ def test_the_episode_pools_are_sorted_by_length_only_when_batches_come_from_leng
     train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases="smat", length_buckets=buckets,
                               smat_curriculum=[[1]]))
     assert seen == [buckets > 1]  # off (1 bucket), the pools and so every draw are exactly those of no buckets
+
+
+def test_a_length_bucketed_batch_comes_from_one_window_anywhere_in_the_pool():
+    pools = {"train": {1: list(range(1000))}}  # a length-sorted pool: neighbours are of similar length
+    cfg = dict(max_iters=10, batch_size=8, length_buckets=4)  # windows of 1000 // 4 = 250 episodes
+    batches = [train_mrl.episode_batch(cfg, pools, "train", 0, [[1]], torch.Generator().manual_seed(s))
+               for s in range(20)]
+    assert all(max(b) - min(b) < 250 for b in batches)
+    assert min(min(b) for b in batches) < 250 and max(max(b) for b in batches) >= 750  # the windows cover the pool

@@ -167,3 +167,56 @@ def test_joint_training_hides_the_mlm_tokens_behind_mask_not_pad(world, tmp_path
     train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1))
     masked, targets = seen[0]
     assert (targets != -100).any() and (masked[targets != -100] == world_tok(world).mask_id).all()
+
+
+def test_memory_pretraining_jitters_the_new_datas_share_both_ways(world, monkeypatch):
+    """The label's share w moves by up to mem_jitter either way: with the draw at its lowest, w = schedule - jitter."""
+    tok = world_tok(world)
+    model = tiny_model(tok)
+
+    class Lowered(MixStub):
+        def forward(self, stm, ed, mask):
+            w = (0.9 if self.t == 0 else 0.5 - 0.05 * self.t) - 0.15
+            self.t += 1
+            return (1 - w) * stm + w * ed
+    model.memory_attention = Lowered()
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
+    turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros(1))  # the jitter's draw at its lowest
+    cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.15)
+    loss, _ = train_mrl.memory_pretrain_loss(model, turns, cfg, torch.Generator().manual_seed(0))
+    assert loss.item() < -1 + 1e-5
+
+
+def test_memory_pretraining_pads_every_turn_to_the_stm_size(world, monkeypatch):
+    """Its label pairs token i with slot i, so every turn has at least as many positions as the STM has slots."""
+    tok = world_tok(world)
+    model = tiny_model(tok)
+    seen = {}
+    monkeypatch.setattr(train_mrl.training, "train", lambda cfg, model, **kw: seen.update(kw) or {})
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 1]
+    cfg = dict(train_mrl.DEFAULTS, seq_len=64, batch_size=4, max_iters=2)
+    train_mrl.train_mem(cfg, model, tok, {"train": {1: eps}}, "cpu", None, 0, 1)
+    turns = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
+    assert all(ids.size(1) >= model.cfg.stm_size > 8 for ids, _, _ in turns)
+
+
+def test_joint_training_evaluates_on_val_bin(world, tmp_path, monkeypatch):
+    read, real = [], train_joint.get_lm_batch
+    monkeypatch.setattr(train_joint, "get_lm_batch", lambda path, *a, **kw: read.append(os.path.basename(path)) or
+                        real(path, *a, **kw))
+    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=2, eval_interval=2, eval_iters=1))
+    assert read == ["train.bin", "train.bin", "val.bin"]
+
+
+def test_the_baselines_dialogue_batches_are_drawn_from_the_steps_generator(world, tmp_path, monkeypatch):
+    """Drawn from the generator of the step (not the global one): a resumed run sees the same batches."""
+    seen = {}
+    monkeypatch.setattr(train_baseline.training, "train", lambda cfg, model, **kw: seen.update(kw) or {})
+    train_baseline.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), dialogue=True, distances=[1, 2],
+                                   model_args={**TINY, "n_layers": 2}))
+    draw = lambda: seen["get_batch"]("train", 3, torch.Generator().manual_seed(7))[0]
+    first = draw()
+    torch.manual_seed(123)  # the global generator moves on
+    torch.rand(5)
+    assert torch.equal(first, draw())

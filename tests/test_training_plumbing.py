@@ -17,9 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_config_files_and_flags_override_in_order(tmp_path):
     f = tmp_path / "c.py"
-    f.write_text("lr = 3e-4\nbatch_size = 8\n")
+    f.write_text("_warm = 10  # a config file's own helper name: not a setting\nlr = 3e-4\nbatch_size = 8\n"
+                 "warmup_iters = _warm * 2\n")
     cfg = cli.configure(training.TRAIN_DEFAULTS, [str(f), "--batch_size=4", "--out_dir=out/x", "--lr=1"])
-    assert cfg["batch_size"] == 4 and cfg["out_dir"] == "out/x" and cfg["lr"] == 1.0
+    assert cfg["batch_size"] == 4 and cfg["out_dir"] == "out/x" and cfg["lr"] == 1.0 and cfg["warmup_iters"] == 20
+    assert "_warm" not in cfg
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -196,3 +198,34 @@ def test_init_from_a_checkpoint_whose_vocab_is_not_the_tokenizers_is_refused(tmp
         vocab_size = 50
     with pytest.raises(cli.CheckpointError, match=f"vocab {vocab}, tokenizer 50"):
         training.init_model(dict(training.TRAIN_DEFAULTS, init_from=path), Tok(), "cpu")
+
+
+def test_a_finished_run_is_left_as_it_is(tmp_path):
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg())
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, m, stage="t", step=3, cfg={}, metrics={"loss": 1.5, "seconds": 60.0})
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), max_iters=3, resume=True, compile=False)
+
+    def never(*a):
+        raise AssertionError("a finished run trains no further")
+    metrics = training.train(cfg, m, stage="t", get_batch=never, loss_fn=never, params=list(m.parameters()),
+                             device=torch.device("cpu"), ctx=contextlib.nullcontext())
+    assert metrics == {"loss": 1.5, "seconds": 60.0}
+    assert training.load_checkpoint(path)["metrics"] == {"loss": 1.5, "seconds": 60.0}  # not rewritten
+
+
+@pytest.mark.parametrize("clip", [0.25, 4.0])
+def test_gradients_are_clipped_at_grad_clip(clip):
+    w = torch.nn.Parameter(torch.zeros(4))
+    cfg = dict(training.TRAIN_DEFAULTS, lr=1e-3, min_lr=1e-4, warmup_iters=1, max_iters=10, grad_clip=clip)
+    opt = training.make_optimizer([w], cfg, "cpu")
+    _, norm = training.update([w], opt, (w * torch.tensor([1.0, 1.0, 1.0, 1.0])).sum() * 1.0, 0, cfg)  # |grad| = 2
+    assert norm.item() == pytest.approx(2.0) and w.grad.norm().item() == pytest.approx(min(2.0, clip), rel=1e-5)
+
+
+def test_a_checkpoint_without_a_tokenizer_is_one_clear_error(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="mrl", step=1, cfg={}, tokenizer=None)
+    with pytest.raises(cli.CheckpointError, match="carries no tokenizer"):
+        training.load_for_inference(path)
