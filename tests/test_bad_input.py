@@ -101,6 +101,8 @@ def test_evaluate_refuses_bad_settings(world, ckpt, garbage, tmp_path, capsys):
     base = [f"--ckpt={ckpt}", f"--data_dir={world}", f"--out={out}", "--device=cpu"]
     for argv, words in [(base + ["--distances=[99]"], ["99", "has episodes at"]),
                         (base + ["--n_per_distance=0"], ["n_per_distance"]),
+                        (base + ["--max_answer=1000"], ["max_answer"]),  # one budget too long is enough
+                        (base + ["--max_turn_answer=1000"], ["max_turn_answer"]),
                         (base + ["--episodes_file=nope.jsonl"], ["nope.jsonl"]),
                         ([f"--ckpt={garbage}", f"--data_dir={world}", f"--out={out}"], ["cannot read checkpoint"]),
                         (base + ["--distance=[1]"], ["unknown config key 'distance'"])]:
@@ -124,6 +126,7 @@ def test_chat_refuses_bad_sampling_flags_and_checkpoints(ckpt, garbage, tmp_path
 def test_demo_refuses_unknown_options_before_the_first_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the demo writes out/nano here if it starts
     for argv, words in [(["--no-chta"], ["--no-chta"]), (["--device=gpu"], ["device"]),
+                        (["--compile=yes"], ["compile"]),
                         (["--dtype=float16"], ["dtype"])]:
         code, err = run(demo.main, argv, capsys)
         assert_one_line_error(code, err, *words)
@@ -201,3 +204,21 @@ def test_a_bad_setting_exits_2_and_a_missing_file_exits_1(tmp_path, capsys):
         assert code == 2, (main.__module__, argv, err)
     code, err = run(train_mlm.main, [f"--data_dir={tmp_path / 'nowhere'}"], capsys)
     assert code == 1 and "not found" in err
+
+
+def test_sft_checks_its_interactions_file_before_any_work(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run(train_joint.main, [f"--data_dir={world}", "--sft=True", "--sft_file=nope.jsonl",
+                                       f"--out_dir={out}", "--device=cpu"], capsys)
+    assert_one_line_error(code, err, "nope.jsonl", "not found")
+    assert code == 1 and not out.exists()
+
+
+def test_chat_refuses_a_stateless_baseline_checkpoint(tmp_path, capsys):
+    from model import StatelessDecoder
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    path = str(tmp_path / "base.pt")
+    training.save_checkpoint(path, StatelessDecoder(get_config("nano", vocab_size=tok.vocab_size, **TINY)),
+                             stage="baseline", step=1, cfg={}, tokenizer=tok)
+    code, err = run(chat.main, [f"--ckpt={path}"], capsys)
+    assert_one_line_error(code, err, "stateless baseline")

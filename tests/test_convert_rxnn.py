@@ -206,6 +206,23 @@ def self_step_gated_otherwise(dirs):
     edit(dirs["memory_attention"], config=dict(use_gate_for_self_attention=False))
 
 
+def drop_config_key(component, key):
+    c = json.loads((component / "config.json").read_text())
+    c.pop(key)
+    (component / "config.json").write_text(json.dumps(c))
+
+
+def halve_a_shape(component, name):
+    """A header whose shape for `name` says half of what its byte range holds (a damaged or forged file)."""
+    path = component / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[name]["shape"] = [header[name]["shape"][0] // 2] + header[name]["shape"][1:]
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
 S, D = 8, 16
 BAD = {  # name: (how to break a copy of the fixture, words the one line must have)
     "missing directory": (lambda d: d.update(encoder=d["encoder"].parent / "nowhere"), ["encoder", "not a directory"]),
@@ -216,6 +233,10 @@ BAD = {  # name: (how to break a copy of the fixture, words the one line must ha
         "model.interlayer_gate_layers.0.gate.weight": torch.zeros(S, S)}), ["memory_attention", "self-interlayer"]),
     "tanh residual gates": (lambda d: edit(d["memory_attention"], config=dict(use_tanh_residual_gate=True)),
                             ["memory_attention", "use_tanh_residual_gate=true", "tanh"]),
+    "tanh residual gates by default": (lambda d: drop_config_key(d["memory_attention"], "use_tanh_residual_gate"),
+                                       ["memory_attention", "use_tanh_residual_gate=true", "tanh"]),  # RxNN's default
+    "a tensor whose bytes contradict its shape": (lambda d: halve_a_shape(d["decoder"], "model.head.bias"),
+                                                  ["decoder", "damaged", "model.head.bias"]),
     "slot-status gates": (lambda d: edit(d["memory_attention"], config=dict(residual_gate_slot_status_type="linear")),
                           ["memory_attention", "slot-status"]),
     "another gate on the self step": (self_step_gated_otherwise, ["memory_attention", "different gate"]),

@@ -174,3 +174,16 @@ def test_prepare_tokenizes_val_bin_from_the_valid_file(tmp_path):
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.tiktoken"))
     want = sum(len(ids) + 2 for ids in tok.encode_batch(stories[:5]))
     assert os.path.getsize(os.path.join(out, "val.bin")) // 2 == want
+
+
+def test_a_tokenizing_run_cut_short_leaves_no_bin_to_be_taken_for_a_whole_one(tmp_path, tok):
+    out = str(tmp_path / "train.bin")
+
+    def stories():
+        yield from ["Once upon a time there was a cat."] * 3
+        raise KeyboardInterrupt  # Ctrl-C in the middle
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_to_bin(stories(), tok, out, batch=2)
+    assert not os.path.exists(out)  # the next run tokenizes again instead of skipping a half file
+    tokenize_to_bin(["Once upon a time there was a cat."] * 3, tok, out)
+    assert np.fromfile(out, dtype=np.uint16).tolist().count(tok.bos_id) == 3

@@ -205,3 +205,13 @@ def test_the_tokenizer_cli_refuses_a_vocab_without_room_for_the_specials(tmp_pat
     text.write_text("hello world " * 100)
     with pytest.raises(cli.ConfigError):
         tokenizer_module.main(["--input", str(text), "--vocab_size", "260", "--out", str(tmp_path / "t.tiktoken")])
+
+
+def test_a_tiktoken_file_without_all_256_bytes_is_refused(tmp_path):
+    from data.tokenizer import load_ranks, save_ranks
+    path = str(tmp_path / "t.tiktoken")
+    save_ranks(path, {bytes([i]): i for i in range(200)})  # ranks 0..199: consecutive, but bytes are missing
+    with pytest.raises(ValueError):
+        load_ranks(path)
+    save_ranks(path, {bytes([i]): i for i in range(256)})
+    assert len(load_ranks(path)) == 256

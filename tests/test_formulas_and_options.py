@@ -303,3 +303,17 @@ def test_the_per_slot_gate_reads_what_it_mixes_from_the_start():
     with torch.no_grad():
         g = (gate(stm, update) - stm) / (update - stm).where(update != stm, torch.ones_like(stm))
     assert g[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), rel=1e-5)
+
+
+def test_self_interlayer_reads_both_its_layer_and_the_layers_mean_through_their_norms():
+    torch.manual_seed(0)
+    cfg = M.get_config("nano", vocab_size=64, **dict(TINY, memory_attention="self-interlayer"))
+    layer = M.MemoryAttentionLayer(cfg).eval()
+    contexts = []
+    layer.pre_attn.register_forward_hook(lambda mod, args, kwargs, out: contexts.append(args[1]), with_kwargs=True)
+    stm, mean, ed = torch.randn(2, cfg.stm_size, cfg.d_model), torch.randn(2, cfg.stm_size, cfg.d_model), \
+        torch.randn(2, 5, cfg.d_model)
+    with torch.no_grad():
+        for scale in (1.0, 100.0):  # RMS-normed inputs: the context does not depend on their scale
+            layer(stm, scale * mean, ed, None, None)
+    torch.testing.assert_close(contexts[0], contexts[1], rtol=1e-4, atol=1e-4)

@@ -170,6 +170,7 @@ def test_a_short_phase_warms_up_over_a_tenth_of_its_steps(world, tmp_path, monke
     train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases="smat", smat_iters=20, warmup_iters=100,
                               smat_curriculum=[[1]]))
     assert seen["max_iters"] == 20 and seen["warmup_iters"] == 2 and seen["lr"] == train_mrl.DEFAULTS["smat_lr"]
+    assert seen["min_lr"] == pytest.approx(seen["lr"] / 10)  # each phase decays to a tenth of its lr
 
 
 @pytest.mark.parametrize("buckets", [1, 2])
@@ -190,3 +191,14 @@ def test_a_length_bucketed_batch_comes_from_one_window_anywhere_in_the_pool():
                for s in range(20)]
     assert all(max(b) - min(b) < 250 for b in batches)
     assert min(min(b) for b in batches) < 250 and max(max(b) for b in batches) >= 750  # the windows cover the pool
+
+
+def test_the_bleu_reward_scores_the_answer_against_the_reference_not_the_reverse(world):
+    """BLEU is not symmetric: a short answer that is all in the reference has full precision but a brevity penalty."""
+    from scores import bleu
+    tok, model, cfg = setup(world, mrl_bleu_weight=1.0, mrl_cosine_weight=0.0)
+    ref = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    ans, ans_len, ref_len = torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([8])
+    r = rl.rewards(model, ans, ans_len, ref, torch.ones_like(ref, dtype=torch.bool), False, cfg, tok)
+    assert r.item() == pytest.approx(bleu(ans, ans_len, ref, ref_len).item())
+    assert r.item() < bleu(ref, ref_len, ans, ans_len).item() - 0.05

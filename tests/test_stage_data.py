@@ -2,6 +2,7 @@
 memory pre-training's labels and its one-step writes, and that SFT and the baseline never train on their validation
 data or on distances they were told to leave out."""
 
+import math
 import os
 
 import pytest
@@ -205,8 +206,10 @@ def test_joint_training_evaluates_on_val_bin(world, tmp_path, monkeypatch):
     read, real = [], train_joint.get_lm_batch
     monkeypatch.setattr(train_joint, "get_lm_batch", lambda path, *a, **kw: read.append(os.path.basename(path)) or
                         real(path, *a, **kw))
-    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=2, eval_interval=2, eval_iters=1))
+    result = train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=2, eval_interval=2,
+                                         eval_iters=1))
     assert read == ["train.bin", "train.bin", "val.bin"]
+    assert result["ppl"] == pytest.approx(math.exp(result["ar_loss"]))  # the perplexity of the validation loss
 
 
 def test_the_baselines_dialogue_batches_are_drawn_from_the_steps_generator(world, tmp_path, monkeypatch):
@@ -219,4 +222,14 @@ def test_the_baselines_dialogue_batches_are_drawn_from_the_steps_generator(world
     first = draw()
     torch.manual_seed(123)  # the global generator moves on
     torch.rand(5)
+    assert torch.equal(first, draw())
+
+
+def test_the_mlm_stages_batches_are_drawn_from_the_steps_generator(world, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_mlm.training, "train", lambda cfg, model, **kw: seen.update(kw) or {})
+    train_mlm.main(tiny_flags(data_dir=world, out_dir=str(tmp_path)))
+    draw = lambda: seen["get_batch"]("train", 3, torch.Generator().manual_seed(7))
+    first = draw()
+    torch.manual_seed(123)  # the global generator moves on; a resumed run's step 3 must see the same batch
     assert torch.equal(first, draw())

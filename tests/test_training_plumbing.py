@@ -229,3 +229,56 @@ def test_a_checkpoint_without_a_tokenizer_is_one_clear_error(tmp_path):
     training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="mrl", step=1, cfg={}, tokenizer=None)
     with pytest.raises(cli.CheckpointError, match="carries no tokenizer"):
         training.load_for_inference(path)
+
+
+def test_every_evaluation_scores_the_same_eval_iters_distinct_validation_batches():
+    m = ReactiveTransformer(tiny_cfg())
+    cfg = dict(training.TRAIN_DEFAULTS, eval_iters=3)
+    drawn = []
+
+    def get_batch(split, step, g):
+        drawn.append((split, torch.randint(10**9, (1,), generator=g).item()))
+        return None
+    for step in (5, 50):
+        training.evaluate(m, cfg, get_batch, lambda model, batch, step, g: (None, {"x": 1.0}),
+                          contextlib.nullcontext(), torch.device("cpu"), step)
+    assert all(split == "val" for split, _ in drawn)
+    assert drawn[:3] == drawn[3:] and len({v for _, v in drawn[:3]}) == 3  # comparable from eval to eval
+
+
+def test_the_final_checkpoint_is_at_max_iters_so_a_rerun_does_nothing(tmp_path):
+    torch.manual_seed(0)
+    m = ReactiveTransformer(tiny_cfg())
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), max_iters=2, eval_interval=100, eval_iters=1,
+               warmup_iters=1, log_interval=1000, compile=False)
+    calls = []
+    run = lambda: training.train(cfg, m, stage="t", get_batch=lambda split, step, g: calls.append(split),
+                                 loss_fn=lambda model, batch, step, g: (model.embed.weight.pow(2).sum(), {}),
+                                 params=list(m.parameters()), device=torch.device("cpu"), ctx=contextlib.nullcontext())
+    run()
+    assert training.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2
+    n = len(calls)
+    run()
+    assert len(calls) == n  # nothing repeated
+
+
+@pytest.mark.parametrize("drop", ["model", "model_config", "stage", "step"])
+def test_a_checkpoint_missing_any_part_is_refused(tmp_path, drop):
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="joint", step=1, cfg={})
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt[drop]
+    torch.save(ckpt, path)
+    with pytest.raises(cli.CheckpointError, match=drop):
+        training.load_checkpoint(path)
+
+
+def test_init_from_a_checkpoint_of_the_other_model_kind_is_refused(tmp_path):
+    from model import StatelessDecoder
+    path = str(tmp_path / "ckpt.pt")
+    training.save_checkpoint(path, StatelessDecoder(tiny_cfg()), stage="baseline", step=1, cfg={})
+
+    class Tok:
+        vocab_size = 50
+    with pytest.raises(cli.CheckpointError, match="holds a StatelessDecoder"):
+        training.init_model(dict(training.TRAIN_DEFAULTS, init_from=path), Tok(), "cpu")
