@@ -21,7 +21,7 @@ import training
 from conftest import TINY
 from data import memory_world, tinystories, tokenizer
 from data.tokenizer import Tokenizer
-from model import ReactiveTransformer, get_config
+from model import ReactiveTransformer, StatelessDecoder, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,7 +215,6 @@ def test_sft_checks_its_interactions_file_before_any_work(world, tmp_path, capsy
 
 
 def test_chat_refuses_a_stateless_baseline_checkpoint(tmp_path, capsys):
-    from model import StatelessDecoder
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     path = str(tmp_path / "base.pt")
     training.save_checkpoint(path, StatelessDecoder(get_config("nano", vocab_size=tok.vocab_size, **TINY)),

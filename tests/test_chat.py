@@ -135,7 +135,10 @@ def test_commands_reach_the_session_and_an_unknown_one_never_reaches_the_model(m
     lines = iter(["/frobnicate", "/reset", "Hi!", "/quit", "never read"])
 
     def read(prompt=""):
-        return next(lines)
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
     monkeypatch.setattr("builtins.input", read)
     chat.converse(Session(), interactive=False)
     out = capsys.readouterr().out

@@ -208,7 +208,6 @@ def test_the_tokenizer_cli_refuses_a_vocab_without_room_for_the_specials(tmp_pat
 
 
 def test_a_tiktoken_file_without_all_256_bytes_is_refused(tmp_path):
-    from data.tokenizer import load_ranks, save_ranks
     path = str(tmp_path / "t.tiktoken")
     save_ranks(path, {bytes([i]): i for i in range(200)})  # ranks 0..199: consecutive, but bytes are missing
     with pytest.raises(ValueError):

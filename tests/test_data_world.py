@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from data import memory_world
 from data.loaders import episode_turns
 from data.memory_world import (NAMES, PHRASINGS, SLOTS, SPAN_LAYOUTS, articles, build_world, is_test, make_episodes,
                                make_incontext, make_interactions, make_span, make_stories, probe_text, question_turn,
@@ -273,12 +274,11 @@ def test_the_probed_fact_is_told_first_or_second_in_turn_one(train):
 
 @pytest.mark.parametrize("echo", [False, True])
 def test_the_world_cli_acknowledges_facts_unless_asked_to_echo_them(tmp_path, echo):
-    from data.memory_world import ACKS, main
     out = tmp_path / "w"
-    main([f"--out_dir={out}", "--n_stories=100", "--n_interactions=50", "--n_episodes=300", "--n_test_episodes=30",
+    memory_world.main([f"--out_dir={out}", "--n_stories=100", "--n_interactions=50", "--n_episodes=300", "--n_test_episodes=30",
           "--vocab_size=300"] + (["--echo"] if echo else []))
     eps = [json.loads(line) for line in open(out / "episodes_train.jsonl")]
     answers = [ep["answer"] for ep in eps]
-    assert all((a in ACKS) != echo for a in answers)
+    assert all((a in memory_world.ACKS) != echo for a in answers)
     if echo:
         assert all(ep["answer"].startswith(ep["query"]) for ep in eps)

@@ -221,4 +221,5 @@ def test_dmpos_fallback_for_a_right_own_answer_is_always_another_value(world, mo
     train_mrl.train_dmpo(cfg, model, tok, {"train": {1: eps}}, torch.device("cpu"), None, 0, 1)
     batch = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
     assert {kind for kind, _ in batch["rejected"]} == {"own"}
-    assert all(isinstance(text, str) and text for text in batch["fallback"])
+    for ep, text in zip(batch["episodes"], batch["fallback"]):
+        assert text in SLOTS[ep["slot"]]["values"] and text != ep["gold"]

@@ -4,6 +4,7 @@ worked out by hand (the model's answers and writes are the only thing replaced).
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -279,6 +280,6 @@ def test_without_a_binding_file_the_binding_row_scores_the_recall_episodes_bindi
     data = tmp_path / "world"
     data.mkdir()
     for name in ("tokenizer.tiktoken", "episodes_test.jsonl"):
-        (data / name).write_bytes(open(os.path.join(world, name), "rb").read())
+        shutil.copy(os.path.join(world, name), data / name)
     evaluate.main([f"--ckpt={ckpt}", f"--data_dir={data}", f"--out={tmp_path / 'eval.json'}", "--distances=[1]"])
     assert seen["binding"] is None  # evaluate_memory then takes the binding episodes among the recall ones

@@ -294,15 +294,15 @@ def test_every_norm_of_the_encoder_decoder_and_memory_attention_shapes_the_outpu
 
 
 def test_the_per_slot_gate_reads_what_it_mixes_from_the_start():
-    """G = sigmoid(w * mean_D(STM + Update) + b) with w = 1, b = -1 at init: a slot whose STM + Update averages 1
-    gets G = sigmoid(0) = 0.5, one that averages 0 gets sigmoid(-1)."""
+    """G = sigmoid(w * mean_D(STM + Update) + b) with w = 1, b = -1 at init: a slot whose STM + Update averages 4
+    gets sigmoid(3), one that averages 1 gets sigmoid(0) = 0.5."""
     gate = M.ResidualGate("per-slot", 2, 4)
-    stm = torch.tensor([[[1.0] * 4, [0.0] * 4]])  # (1, S=2, D=4): slot means 1 and 0 (update 0)
-    update = torch.zeros_like(stm)
-    update[0, 0] += 3.0  # slot 0: STM + Update averages 4 -> sigmoid(3)
+    stm = torch.tensor([[[1.0] * 4, [0.0] * 4]])  # (1, S=2, D=4)
+    update = torch.tensor([[[3.0] * 4, [1.0] * 4]])  # STM + Update averages 4 in slot 0, 1 in slot 1
     with torch.no_grad():
-        g = (gate(stm, update) - stm) / (update - stm).where(update != stm, torch.ones_like(stm))
-    assert g[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), rel=1e-5)
+        g = (gate(stm, update) - stm) / (update - stm)  # the share of the update, where old and new differ
+    assert g[0, 0, 0].item() == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), rel=1e-5)  # 1 * 4 - 1
+    assert g[0, 1, 0].item() == pytest.approx(0.5, rel=1e-5)  # 1 * 1 - 1 = 0
 
 
 def test_self_interlayer_reads_both_its_layer_and_the_layers_mean_through_their_norms():
@@ -314,6 +314,10 @@ def test_self_interlayer_reads_both_its_layer_and_the_layers_mean_through_their_
     stm, mean, ed = torch.randn(2, cfg.stm_size, cfg.d_model), torch.randn(2, cfg.stm_size, cfg.d_model), \
         torch.randn(2, 5, cfg.d_model)
     with torch.no_grad():
-        for scale in (1.0, 100.0):  # RMS-normed inputs: the context does not depend on their scale
-            layer(stm, scale * mean, ed, None, None)
-    torch.testing.assert_close(contexts[0], contexts[1], rtol=1e-4, atol=1e-4)
+        for own, avg in ((stm, mean), (stm, 100 * mean), (100 * stm, mean), (stm, torch.randn_like(mean)),
+                         (torch.randn_like(stm), mean)):
+            layer(own, avg, ed, None, None)
+    for scaled in contexts[1:3]:  # RMS-normed inputs: the context does not depend on their scale
+        torch.testing.assert_close(scaled, contexts[0], rtol=1e-4, atol=1e-4)
+    for other in contexts[3:]:  # but it reads both: another mean or another own layer changes it
+        assert not torch.allclose(other, contexts[0], atol=1e-3)

@@ -489,9 +489,10 @@ def test_a_size_of_zero_is_refused(field):
         model.get_config("nano", **{field: 0})
 
 
-def test_a_fresh_models_linear_biases_start_at_zero():
+@pytest.mark.parametrize("gate_type", ["per-element", "linear"])  # the content gates are Linear layers too
+def test_a_fresh_models_linear_biases_start_at_zero(gate_type):
     torch.manual_seed(0)
-    m = ReactiveTransformer(model.get_config("nano"))
+    m = ReactiveTransformer(model.get_config("nano", gate_type=gate_type))
     biases = [(name, mod.bias) for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
               and mod.bias is not None]
     assert biases and all(torch.count_nonzero(b) == 0 for _, b in biases), [n for n, b in biases if b.any()]
@@ -504,6 +505,7 @@ def test_a_batch_generates_until_every_row_has_said_eos():
     ids, stm = torch.randint(5, 97, (6, 5), generator=torch.Generator().manual_seed(1)), m.new_memory(6)
     free, _ = engine.generate(m, ids, stm=stm, max_new_tokens=6, temperature=0)  # (6, 6), no [EOS]
     # a token row 0 says first and some other row never says: as [EOS], row 0 stops at once and that row goes on
-    other = next(b for b in range(1, 6) if free[0, 0] not in free[b])
+    other = next((b for b in range(1, 6) if free[0, 0] not in free[b]), None)
+    assert other is not None, "every row said row 0's first token: pick other prompts"
     tokens, lengths = engine.generate(m, ids, stm=stm, max_new_tokens=6, temperature=0, eos_id=int(free[0, 0]))
     assert lengths[0] == 1 and lengths[other] == 6 and torch.equal(tokens[other], free[other])

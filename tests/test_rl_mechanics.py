@@ -13,6 +13,7 @@ from conftest import TINY, tiny_flags
 from data.loaders import episode_turns
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
+from scores import bleu
 from test_mrl import colour_episodes
 
 
@@ -195,7 +196,6 @@ def test_a_length_bucketed_batch_comes_from_one_window_anywhere_in_the_pool():
 
 def test_the_bleu_reward_scores_the_answer_against_the_reference_not_the_reverse(world):
     """BLEU is not symmetric: a short answer that is all in the reference has full precision but a brevity penalty."""
-    from scores import bleu
     tok, model, cfg = setup(world, mrl_bleu_weight=1.0, mrl_cosine_weight=0.0)
     ref = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     ans, ans_len, ref_len = torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([8])

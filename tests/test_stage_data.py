@@ -170,21 +170,25 @@ def test_joint_training_hides_the_mlm_tokens_behind_mask_not_pad(world, tmp_path
     assert (targets != -100).any() and (masked[targets != -100] == world_tok(world).mask_id).all()
 
 
-def test_memory_pretraining_jitters_the_new_datas_share_both_ways(world, monkeypatch):
-    """The label's share w moves by up to mem_jitter either way: with the draw at its lowest, w = schedule - jitter."""
+@pytest.mark.parametrize("draw,shift", [(0.0, -0.1), (1.0, 0.1)])
+def test_memory_pretraining_jitters_the_new_datas_share_both_ways(world, monkeypatch, draw, shift):
+    """The label's share w moves by up to mem_jitter either way: the draw at its lowest gives w = schedule - jitter,
+    at its highest schedule + jitter."""
     tok = world_tok(world)
     model = tiny_model(tok)
 
-    class Lowered(MixStub):
+    class Shifted(MixStub):
         def forward(self, stm, ed, mask):
-            w = (0.9 if self.t == 0 else 0.5 - 0.05 * self.t) - 0.15
+            w = min(0.95, max(0.05, (0.9 if self.t == 0 else 0.5 - 0.05 * self.t) + shift))  # kept in [0.05, 0.95]
             self.t += 1
             return (1 - w) * stm + w * ed
-    model.memory_attention = Lowered()
+    model.memory_attention = Shifted()
     eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
     turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
-    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros(1))  # the jitter's draw at its lowest
-    cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.15)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: torch.full(size if isinstance(size, tuple) else (size,),
+                                                                     draw) if kw.get("generator") else rand(size, **kw))
+    cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.1)
     loss, _ = train_mrl.memory_pretrain_loss(model, turns, cfg, torch.Generator().manual_seed(0))
     assert loss.item() < -1 + 1e-5
 
@@ -220,9 +224,9 @@ def test_the_baselines_dialogue_batches_are_drawn_from_the_steps_generator(world
                                    model_args={**TINY, "n_layers": 2}))
     draw = lambda: seen["get_batch"]("train", 3, torch.Generator().manual_seed(7))[0]
     first = draw()
-    torch.manual_seed(123)  # the global generator moves on
-    torch.rand(5)
-    assert torch.equal(first, draw())
+    with torch.random.fork_rng():
+        torch.manual_seed(123)  # the global generator moves on
+        assert torch.equal(first, draw())
 
 
 def test_the_mlm_stages_batches_are_drawn_from_the_steps_generator(world, tmp_path, monkeypatch):
@@ -231,5 +235,6 @@ def test_the_mlm_stages_batches_are_drawn_from_the_steps_generator(world, tmp_pa
     train_mlm.main(tiny_flags(data_dir=world, out_dir=str(tmp_path)))
     draw = lambda: seen["get_batch"]("train", 3, torch.Generator().manual_seed(7))
     first = draw()
-    torch.manual_seed(123)  # the global generator moves on; a resumed run's step 3 must see the same batch
-    assert torch.equal(first, draw())
+    with torch.random.fork_rng():
+        torch.manual_seed(123)  # the global generator moves on; a resumed run's step 3 must see the same batch
+        assert torch.equal(first, draw())
