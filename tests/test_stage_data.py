@@ -29,14 +29,15 @@ def tiny_model(tok):
     return M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **TINY))
 
 
-def test_the_mlm_stage_hides_the_chosen_tokens_behind_mask(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", [train_mlm, train_joint])  # the MLM stage, and joint/SFT's MLM half
+def test_the_mlm_tokens_are_hidden_behind_mask_not_pad(world, tmp_path, monkeypatch, stage):
     seen, real = [], M.ReactiveTransformer.mlm
     monkeypatch.setattr(M.ReactiveTransformer, "mlm",
                         lambda self, masked, mask, targets, chunks=None: seen.append((masked, targets)) or
                         real(self, masked, mask, targets, chunks))
-    train_mlm.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1))
+    stage.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1))
     masked, targets = seen[0]
-    assert (masked[targets != -100] == world_tok(world).mask_id).all()
+    assert (targets != -100).any() and (masked[targets != -100] == world_tok(world).mask_id).all()
 
 
 def test_sft_decoder_never_reads_the_eds_padding(world, tmp_path, monkeypatch):
@@ -158,16 +159,6 @@ def test_the_baselines_loss_adds_the_weighted_balancing_loss(world, tmp_path, mo
     _, ar_loss, aux_loss = seen["model"](*batch)
     assert aux_loss.item() > 0.5  # about 1 for any routing: the term is there to see
     assert loss.item() == pytest.approx(ar_loss.item() + 0.5 * aux_loss.item(), rel=1e-5)
-
-
-def test_joint_training_hides_the_mlm_tokens_behind_mask_not_pad(world, tmp_path, monkeypatch):
-    seen, real = [], M.ReactiveTransformer.mlm
-    monkeypatch.setattr(M.ReactiveTransformer, "mlm",
-                        lambda self, masked, mask, targets, chunks=None: seen.append((masked, targets)) or
-                        real(self, masked, mask, targets, chunks))
-    train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), max_iters=1, eval_iters=1))
-    masked, targets = seen[0]
-    assert (targets != -100).any() and (masked[targets != -100] == world_tok(world).mask_id).all()
 
 
 @pytest.mark.parametrize("draw,shift", [(0.0, -0.1), (1.0, 0.1)])
