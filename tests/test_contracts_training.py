@@ -588,3 +588,13 @@ def test_validation_batches_come_from_the_first_fiftieth_only(monkeypatch, byte_
         seen["get_batch"]("val", step, torch.Generator().manual_seed(step))
     n_val = 200 // 50
     assert {r["i"] for r in drawn} == set(range(n_val))  # every validation record, and nothing else
+
+
+def test_exact_match_refuses_an_answer_that_runs_past_the_reference():
+    # the reference's tokens as a prefix is not enough: an answer with a token more is another answer
+    from scores import exact_match
+    ref, ref_mask = torch.tensor([[5, 6, 0]]), torch.tensor([[True, True, False]])
+    ans = torch.tensor([[5, 6, 7]])
+    assert not exact_match(ans, torch.tensor([3]), ref, ref_mask).item()
+    assert exact_match(ans, torch.tensor([2]), ref, ref_mask).item()
+    assert not exact_match(ans, torch.tensor([1]), ref, ref_mask).item()
