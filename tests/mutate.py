@@ -53,6 +53,21 @@ RECALL = [MRL + "test_smat_makes_recall_beat_the_reset_memory_control"]
 EVAL = ["tests/test_evaluation_rows.py", MRL + "test_memory_eval_reports_recall_and_control_by_distance",
         "tests/test_baseline.py::test_the_baseline_trains_and_is_evaluated_on_the_same_episodes"]
 
+# Each module's contract tests (tests/test_contracts_*.py) run after a mutation's own tests, whatever its list says:
+# they pin that module's small behaviours, and a list written before them would otherwise never ask them
+CONTRACTS = {"model.py": "model", "engine.py": "runtime", "chat.py": "runtime", "cli.py": "runtime", "demo.py": "runtime",
+             "training.py": "training", "train_mlm.py": "training", "train_joint.py": "training",
+             "train_mrl.py": "training", "train_baseline.py": "training", "rl.py": "training", "scores.py": "training",
+             "evaluate.py": "eval", "bench.py": "eval", "data/loaders.py": "eval", "data/tokenizer.py": "data",
+             "data/tinystories.py": "data", "data/memory_world.py": "data", "convert_rxnn.py": "data"}
+
+
+def tests_of(m):
+    """A mutation's tests: its list, then its module's contract tests (once)."""
+    contract = f"tests/test_contracts_{CONTRACTS[m[0]]}.py"
+    return list(m[3]) + [contract] * (contract not in m[3])
+
+
 # (file, old: verbatim and exactly once in the file, new, tests, description)
 MUTATIONS = [
     ("model.py", "torch.cat([-angles.sin(), angles.sin()], dim=-1)", "torch.cat([angles.sin(), angles.sin()], dim=-1)",
@@ -386,7 +401,8 @@ MUTATIONS = [
      MODEL + CHUNKS, "decode: MoE routing statistics count padding"),
     ("model.py", "pooled = (h * attn_mask[..., None]).sum(dim=1) / attn_mask.sum(dim=1, keepdim=True)",
      "pooled = (h * attn_mask[..., None]).sum(dim=1) / attn_mask.size(1)",
-     IMPO + [MRL + "test_impo_step_moves_the_policy_towards_rewarded_answers"],
+     IMPO + [MRL + "test_impo_step_moves_the_policy_towards_rewarded_answers",
+             FORMULAS + "::test_the_critic_averages_the_query_over_its_real_tokens_only"],
      "critic: query pooled over the padded length, not its real tokens"),
     ("model.py", '"decoder_active": dec - c.n_layers * (c.n_experts - c.top_k) * expert',
      '"decoder_active": dec - (c.n_experts - c.top_k) * expert', MODEL,
@@ -404,9 +420,8 @@ MUTATIONS = [
     ("engine.py", "torch.bmm(torch.softmax(top, dim=-1).view(B, 1, -1)",
      "torch.bmm(torch.softmax(top, dim=0).view(B, 1, -1)", GENERATION,
      "FastStep (batched/GPU path): expert weights softmaxed over the batch"),
-    ("engine.py", "cq=cq if c_rot is not None or ca.q_norm is not None else cq * hd ** -0.5",
-     "cq=cq if c_rot is not None else cq * hd ** -0.5", GENERATION,
-     "FastStep: memory read scaled twice with QK-norm and memory_rope off"),
+    # (left out, equivalent: FastStep pre-scaling the memory read's query projection by hd^-0.5 although QK-norm
+    # follows - the RMSNorm divides that constant away again, so the logits are the same up to its eps)
     ("engine.py", "torch.ones(T, T, dtype=torch.bool, device=ids.device).tril() & attn_mask",
      "torch.ones(T, T, dtype=torch.bool, device=ids.device) & attn_mask", GENERATION,
      "padded prompts attend to later prompt tokens (no causal mask)"),
@@ -527,7 +542,7 @@ MUTATIONS = [
      ["tests/test_bad_input.py::test_demo_refuses_unknown_options_before_the_first_stage"],
      "demo --dmpo still trains MRL (and evaluates a checkpoint never written)"),
     ("demo.py", "            return 1\n", "            continue\n",
-     ["tests/test_bad_input.py::test_demo_refuses_unknown_options_before_the_first_stage"],
+     ["tests/test_bad_input.py::test_demo_refuses_unknown_options_before_the_first_stage", "tests/test_house.py"],
      "demo: a failed stage does not stop the run"),
 
     ("bench.py", "tokens=query.numel() + len(answer) + interaction.size(1))", "tokens=query.numel() + len(answer))",
@@ -2862,7 +2877,7 @@ def description(m):
 def problems(m):
     """What is wrong with one entry: an `old` not found exactly once, a mutant that does not parse (a syntax error is
     no realistic bug, and every test would catch it), a no-op, a test target that is not there."""
-    file, old, new, tests = m[:4]
+    file, old, new, tests = m[0], m[1], m[2], tests_of(m)
     text, out = open(os.path.join(ROOT, file), encoding="utf-8").read(), []
     if text.count(old) != 1:
         out.append(f"{file}: {old!r} occurs {text.count(old)} times, not once")
@@ -2890,7 +2905,7 @@ def repo_files():
 
 def run_one(m, files, timeout, env):
     """Apply one mutation to a fresh copy and run its tests there. Returns (status, seconds, output tail)."""
-    file, old, new, tests = m[:4]
+    file, old, new, tests = m[0], m[1], m[2], tests_of(m)
     with tempfile.TemporaryDirectory(prefix="nanorxt-mutant-") as copy:
         for f in files:
             os.makedirs(os.path.dirname(os.path.join(copy, f)), exist_ok=True)
@@ -2928,7 +2943,7 @@ def main(argv=None):
     chosen = [m for m in MUTATIONS if args.only in m[0] or args.only in description(m)]
     if args.list:
         for i, m in enumerate(chosen, 1):
-            print(f"{i:3d}  {m[0]:20s} {description(m)}\n     {' '.join(m[3])}")
+            print(f"{i:3d}  {m[0]:20s} {description(m)}\n     {' '.join(tests_of(m))}")
         return 0
     broken = [m for m in chosen if problems(m)]
     for m in broken:  # before any test runs: a list that no longer fits the code is fixed first
@@ -2958,7 +2973,7 @@ def main(argv=None):
           + (f", {timeouts} of them by timeout" if timeouts else ""))
     for m, status in sorted(results, key=lambda r: MUTATIONS.index(r[0])):
         if status not in ("caught", "timeout"):
-            print(f"  {status}: {m[0]}: {description(m)}  ({' '.join(m[3])})")
+            print(f"  {status}: {m[0]}: {description(m)}  ({' '.join(tests_of(m))})")
     return 0
 
 
