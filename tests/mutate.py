@@ -55,7 +55,8 @@ EVAL = ["tests/test_evaluation_rows.py", MRL + "test_memory_eval_reports_recall_
 
 # Each module's contract tests (tests/test_contracts_*.py) run after a mutation's own tests, whatever its list says:
 # they pin that module's small behaviours, and a list written before them would otherwise never ask them
-CONTRACTS = {"model.py": "model", "engine.py": "runtime", "chat.py": "runtime", "cli.py": "runtime", "demo.py": "runtime",
+CONTRACTS = {"model.py": "model", "engine.py": "runtime", "chat.py": "runtime", "cli.py": "runtime",
+             "demo.py": "runtime",
              "training.py": "training", "train_mlm.py": "training", "train_joint.py": "training",
              "train_mrl.py": "training", "train_baseline.py": "training", "rl.py": "training", "scores.py": "training",
              "evaluate.py": "eval", "bench.py": "eval", "data/loaders.py": "eval", "data/tokenizer.py": "data",
