@@ -65,8 +65,8 @@ CONTRACTS = {"model.py": "model", "engine.py": "runtime", "chat.py": "runtime", 
 
 def tests_of(m):
     """A mutation's tests: its list, then its module's contract tests (once)."""
-    contract = f"tests/test_contracts_{CONTRACTS[m[0]]}.py"
-    return list(m[3]) + [contract] * (contract not in m[3])
+    contract = f"tests/test_contracts_{CONTRACTS[m[0]]}.py" if m[0] in CONTRACTS else None  # a new module: its list
+    return list(m[3]) + [contract] * (contract is not None and contract not in m[3])
 
 
 # (file, old: verbatim and exactly once in the file, new, tests, description)
