@@ -2868,6 +2868,13 @@ MUTATIONS = [
      '        if has("dense.weight"):',
      ['tests/test_contracts_data.py::test_a_component_directory_needs_its_config_and_both_halves_of_an_mlm_head'],
      'kind: a half MLM head taken'),
+    # Round nine: the held-out review's three misses (set 8), each now pinned by a test
+    ('rl.py', '[tr[t]["query"] for tr in turns]', '[tr[t - 1]["query"] for tr in turns]',
+     ['tests/test_rl_mechanics.py'], "rollout: each turn is asked the previous turn's query (off by one)"),
+    ('train_mrl.py', 'ed = model.encode(ids, attn_mask)  # (L, B, S, D)', 'ed = model.encode(ids)  # (L, B, S, D)',
+     ['tests/test_stage_data.py'], 'mem pre-training: the interaction is encoded without its padding mask'),
+    ('train_mrl.py', 'loss = torch.stack(losses).mean()', 'loss = torch.stack(losses).sum()',
+     ['tests/test_stage_data.py'], 'mem pre-training: the cosine loss summed over turns, not averaged'),
 ]
 
 

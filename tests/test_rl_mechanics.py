@@ -10,7 +10,7 @@ import engine
 import rl
 import train_mrl
 from conftest import TINY, tiny_flags
-from data.loaders import episode_turns
+from data.loaders import episode_turns, render_query
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
 from scores import bleu
@@ -71,7 +71,9 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
     assert len(writes) == 3 and len(play["steps"]) == 2  # the facts as given, then each turn as the model played it
     for t, (s, (ans, ans_len)) in enumerate(zip(play["steps"], sampled), start=1):
         assert torch.equal(writes[t], s["ids"])
-        for b in range(len(eps)):
+        for b in range(len(eps)):  # turn t asks turn t's own query
+            query = render_query(tok, episode_turns(eps[b])[t]["query"], cfg["seq_len"] - cfg["mrl_max_answer"] - 1)
+            assert s["q_ids"][b][s["q_mask"][b]].tolist() == query
             q = int(s["q_mask"][b].sum())
             assert s["ids"][b, q:q + int(ans_len[b])].tolist() == ans[b, :int(ans_len[b])].tolist()
     assert [probe for _, _, probe in refs] == [False, True]  # only the last turn is the question (recall reward)

@@ -116,7 +116,7 @@ def test_memory_pretraining_labels_give_the_new_data_a_shrinking_share(world):
     turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
     cfg = dict(train_mrl.DEFAULTS, mem_noise=0.0, mem_jitter=0.0)
     loss, _ = train_mrl.memory_pretrain_loss(model, turns, cfg, torch.Generator().manual_seed(0))
-    assert loss.item() < -1 + 1e-5  # the write equals the label at every turn: cosine 1
+    assert len(turns) > 1 and loss.item() == pytest.approx(-1.0, abs=1e-5)  # cosine 1 at every turn, averaged
 
 
 def test_memory_pretraining_trains_each_write_on_its_own_turn(world):
@@ -137,6 +137,23 @@ def test_memory_pretraining_trains_each_write_on_its_own_turn(world):
     turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
     train_mrl.memory_pretrain_loss(model, turns, dict(train_mrl.DEFAULTS), torch.Generator().manual_seed(0))
     assert spy.seen == [False] * len(turns)
+
+
+def test_memory_pretraining_writes_what_each_row_encodes_alone_whatever_its_padding(world, monkeypatch):
+    tok = world_tok(world)
+    torch.manual_seed(0)
+    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, stm_size=64))).eval()
+    seen, real = [], model.memory_attention.forward
+    monkeypatch.setattr(model.memory_attention, "forward", lambda stm, ed, mask: seen.append(ed) or real(stm, ed, mask))
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
+    turns = episode_tensors(tok, eps, 64, "cpu", pad_to=model.cfg.stm_size)
+    train_mrl.memory_pretrain_loss(model, turns, dict(train_mrl.DEFAULTS), torch.Generator().manual_seed(0))
+    S = model.cfg.stm_size
+    lengths = [int(n) for n in turns[0][1][:, :S].sum(1)]
+    assert min(lengths) < S  # rows padded: the padding must not reach what a row writes
+    for b, n in enumerate(lengths):
+        alone = model.encode(turns[0][0][b:b + 1, :n])  # (L, 1, n, D)
+        torch.testing.assert_close(seen[0][:, b, :n], alone[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_story_stages_train_on_train_bin_and_evaluate_on_val_bin(world, tmp_path, monkeypatch):
