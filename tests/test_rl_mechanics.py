@@ -10,7 +10,7 @@ import engine
 import rl
 import train_mrl
 from conftest import TINY, tiny_flags
-from data.loaders import episode_turns, render_query
+from data.loaders import collate_interactions, episode_turns, render_query
 from data.tokenizer import Tokenizer
 from model import ReactiveTransformer, get_config
 from scores import bleu
@@ -69,6 +69,8 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
     eps = episodes()
     play = rl.rollout(model, eps, tok, cfg, torch.Generator().manual_seed(0), reward_fn=reward_fn)
     assert len(writes) == 3 and len(play["steps"]) == 2  # the facts as given, then each turn as the model played it
+    facts = collate_interactions(tok, [episode_turns(ep)[0] for ep in eps], cfg["seq_len"])[0]
+    assert torch.equal(writes[0], facts)  # the first write is the facts turn, reference answer and all
     for t, (s, (ans, ans_len)) in enumerate(zip(play["steps"], sampled), start=1):
         assert torch.equal(writes[t], s["ids"])
         for b in range(len(eps)):  # turn t asks turn t's own query
@@ -204,3 +206,15 @@ def test_the_bleu_reward_scores_the_answer_against_the_reference_not_the_reverse
     r = rl.rewards(model, ans, ans_len, ref, torch.ones_like(ref, dtype=torch.bool), False, cfg, tok)
     assert r.item() == pytest.approx(bleu(ans, ans_len, ref, ref_len).item())
     assert r.item() < bleu(ref, ref_len, ans, ans_len).item() - 0.05
+
+
+def test_the_cosine_reward_adds_to_bleu_and_recall(world):
+    tok, model, cfg = setup(world)
+    ans = torch.tensor([[10, 11, tok.eos_id], [12, 13, 14]])
+    ans_len = torch.tensor([3, 3])
+    ref_ids, ref_mask = torch.tensor([[10, 11, tok.eos_id], [10, 15, tok.eos_id]]), torch.ones(2, 3, dtype=torch.bool)
+    r = lambda w: rl.rewards(model, ans, ans_len, ref_ids, ref_mask, True, dict(cfg, mrl_cosine_weight=w), tok)
+    base, with_cos = r(0.0), r(1.0)
+    assert base[0] > 1.0  # the exact answer: BLEU 1 + recall 1
+    cos = with_cos - base  # the cosine of mean embeddings, at most 1
+    assert cos[0].item() == pytest.approx(1.0, abs=1e-5) and -1 <= cos[1].item() < 1

@@ -2,6 +2,7 @@
 memory pre-training's labels and its one-step writes, and that SFT and the baseline never train on their validation
 data or on distances they were told to leave out."""
 
+import contextlib
 import math
 import os
 
@@ -246,3 +247,18 @@ def test_the_mlm_stages_batches_are_drawn_from_the_steps_generator(world, tmp_pa
     with torch.random.fork_rng():
         torch.manual_seed(123)  # the global generator moves on; a resumed run's step 3 must see the same batch
         assert torch.equal(first, draw())
+
+
+def test_memory_pretraining_moves_the_memory_attention_and_nothing_else(world, tmp_path):
+    """Stage 3 trains the write alone: the encoder, decoder, embedding and learned STM slots stay as they were."""
+    tok = world_tok(world)
+    torch.manual_seed(0)
+    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, stm_init="learned")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2]
+    cfg = dict(train_mrl.DEFAULTS, device="cpu", seq_len=64, batch_size=4, max_iters=3, eval_interval=100,
+               eval_iters=1, warmup_iters=1, lr=1e-2, min_lr=1e-3, out_dir=str(tmp_path), mem_curriculum=[[2]])
+    pools = {"train": {2: eps}, "val": {2: eps}}
+    train_mrl.train_mem(cfg, model, tok, pools, torch.device("cpu"), contextlib.nullcontext(), 0, 1)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("memory_attention.") for n in moved), sorted(moved)

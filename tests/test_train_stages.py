@@ -11,6 +11,7 @@ import torch
 
 import train_joint
 import train_mlm
+import train_mrl
 import cli
 import training
 from conftest import tiny_flags
@@ -172,3 +173,13 @@ def test_joint_training_reads_a_detached_ed_so_only_the_mlm_loss_trains_the_enco
         train_joint.main(tiny_flags(data_dir=world, out_dir=str(tmp_path / str(sft)), max_iters=2, eval_iters=1,
                                     eval_interval=2, sft=sft, ed_swap=0.5))
     assert reads and not any(reads)
+
+
+def test_each_mrl_phase_starts_from_the_checkpoint_the_phase_before_wrote(world, tmp_path, monkeypatch):
+    starts, real = [], train_mrl.training.init_model
+    monkeypatch.setattr(train_mrl.training, "init_model", lambda cfg, *a, **kw: starts.append(cfg["init_from"]) or
+                        real(cfg, *a, **kw))
+    out = tmp_path / "mrl"
+    train_mrl.main(tiny_flags(data_dir=world, out_dir=str(out), phases="mem,smat", mem_iters=1, smat_iters=1,
+                              eval_iters=1))
+    assert starts == ["", str(out / "mem" / "ckpt.pt")]

@@ -10,7 +10,8 @@ import torch
 
 import cli
 import training
-from model import ModelConfig, ReactiveTransformer, StatelessDecoder
+from conftest import TINY
+from model import ModelConfig, ReactiveTransformer, StatelessDecoder, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,3 +282,16 @@ def test_init_from_a_checkpoint_of_the_other_model_kind_is_refused(tmp_path):
         vocab_size = 50
     with pytest.raises(cli.CheckpointError, match="holds a StatelessDecoder"):
         training.init_model(dict(training.TRAIN_DEFAULTS, init_from=path), Tok(), "cpu")
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_a_checkpoint_with_a_missing_or_unexpected_key_does_not_load(change):
+    model = ReactiveTransformer(get_config("nano", vocab_size=64, **TINY))
+    state = dict(model.state_dict())
+    name = next(iter(state))
+    if change == "missing":
+        del state[name]
+    else:
+        state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(cli.CheckpointError, match="does not fit this model"):
+        training.load_weights(model, state, "ckpt.pt")
