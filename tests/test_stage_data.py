@@ -25,9 +25,9 @@ def world_tok(world):
     return Tokenizer.from_file(os.path.join(world, "tokenizer.tiktoken"))
 
 
-def tiny_model(tok):
+def tiny_model(tok, **overrides):
     torch.manual_seed(0)
-    return M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **TINY))
+    return M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, **overrides)))
 
 
 @pytest.mark.parametrize("stage", [train_mlm, train_joint])  # the MLM stage, and joint/SFT's MLM half
@@ -142,8 +142,7 @@ def test_memory_pretraining_trains_each_write_on_its_own_turn(world):
 
 def test_memory_pretraining_writes_what_each_row_encodes_alone_whatever_its_padding(world, monkeypatch):
     tok = world_tok(world)
-    torch.manual_seed(0)
-    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, stm_size=64))).eval()
+    model = tiny_model(tok, stm_size=64).eval()
     seen, real = [], model.memory_attention.forward
     monkeypatch.setattr(model.memory_attention, "forward", lambda stm, ed, mask: seen.append(ed) or real(stm, ed, mask))
     eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:4]
@@ -252,8 +251,7 @@ def test_the_mlm_stages_batches_are_drawn_from_the_steps_generator(world, tmp_pa
 def test_memory_pretraining_moves_the_memory_attention_and_nothing_else(world, tmp_path):
     """Stage 3 trains the write alone: the encoder, decoder, embedding and learned STM slots stay as they were."""
     tok = world_tok(world)
-    torch.manual_seed(0)
-    model = M.ReactiveTransformer(M.get_config("nano", vocab_size=tok.vocab_size, **dict(TINY, stm_init="learned")))
+    model = tiny_model(tok, stm_init="learned")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2]
     cfg = dict(train_mrl.DEFAULTS, device="cpu", seq_len=64, batch_size=4, max_iters=3, eval_interval=100,
