@@ -2893,6 +2893,9 @@ MUTATIONS = [
      'model.load_state_dict(state, strict=False)',
      ['tests/test_training_plumbing.py'],
      'checkpoints with missing/unexpected keys load silently instead of raising a CheckpointError'),
+    ('training.py', '    params = list(params)\n', '',
+     ['tests/test_training_plumbing.py'],
+     'train keeps a generator of parameters as given: the optimizer uses it up and clipping sees none'),
 ]
 
 

@@ -225,6 +225,19 @@ def test_gradients_are_clipped_at_grad_clip(clip):
     assert norm.item() == pytest.approx(2.0) and w.grad.norm().item() == pytest.approx(min(2.0, clip), rel=1e-5)
 
 
+def test_train_clips_parameters_given_as_a_generator(tmp_path):
+    """The stage scripts pass model.parameters(): train must keep them, not let the optimizer use them up."""
+    torch.manual_seed(0)
+    model = ReactiveTransformer(tiny_cfg())
+    cfg = dict(training.TRAIN_DEFAULTS, out_dir=str(tmp_path), device="cpu", max_iters=2, eval_interval=100,
+               eval_iters=1, warmup_iters=1, log_interval=1000, grad_clip=0.1)
+    training.train(cfg, model, stage="test", get_batch=lambda split, step, g: None,
+                   loss_fn=lambda model, batch, step, g: (model.embed.weight.pow(2).sum(), {}),
+                   params=model.parameters(), device=torch.device("cpu"), ctx=contextlib.nullcontext())
+    raw = 2 * model.embed.weight.detach().norm().item()  # the last step's unclipped gradient norm, near enough
+    assert raw > 0.5 and model.embed.weight.grad.norm().item() == pytest.approx(0.1, rel=1e-4)
+
+
 def test_a_checkpoint_without_a_tokenizer_is_one_clear_error(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     training.save_checkpoint(path, ReactiveTransformer(tiny_cfg()), stage="mrl", step=1, cfg={}, tokenizer=None)
