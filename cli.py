@@ -41,6 +41,9 @@ def run(main, argv=None):
     try:
         result = main(sys.argv[1:] if argv is None else argv)
         if dist.is_initialized():
+            # gloo aborts a rank ("terminate called without an active exception") that tears down while its peer
+            # still talks: meet first, then leave together
+            dist.barrier()
             dist.destroy_process_group()
         return result
     except UserError as e:
