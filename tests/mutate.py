@@ -2896,6 +2896,17 @@ MUTATIONS = [
     ('training.py', '    params = list(params)\n', '',
      ['tests/test_training_plumbing.py'],
      'train keeps a generator of parameters as given: the optimizer uses it up and clipping sees none'),
+    ('engine.py', 'done |= tok == eos_id if eos_id is not None else False',
+     'done &= tok == eos_id if eos_id is not None else False',
+     ['tests/test_contracts_runtime.py'], 'a stream never stops early when every row has said [EOS]'),
+    ('rl.py', '"margin": margin.mean()', '"margin": margin.sum()', ['tests/test_dmpo.py'],
+     'the DMPO margin metric is summed over the batch instead of averaged'),
+    ('train_mrl.py', 'mrl_ppo_epochs=cli.at_least(1)', 'mrl_ppo_epochs=cli.at_least(0)',
+     ['tests/test_contracts_training.py::test_train_mrl_refuses_out_of_range_phase_settings_before_any_work'],
+     '--mrl_ppo_epochs=0 is accepted (and the run then divides by zero)'),
+    ('train_mrl.py', 'flagged = {a[2:].partition("=")[0] for a in argv', 'flagged = {a[1:].partition("=")[0] for a in argv',
+     ['tests/test_contracts_training.py::test_a_flag_for_a_phase_that_does_not_run_is_refused_before_any_work'],
+     "flags for phases that do not run are no longer refused (the run trains the phases it has)"),
 ]
 
 

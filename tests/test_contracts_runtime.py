@@ -130,6 +130,24 @@ def test_interact_yields_ints_and_passes_top_k_top_p_and_the_generator_to_the_sa
     assert tokens[0].tolist() == draws[0] and lengths.tolist() == [8]  # no [EOS] asked for: every token counts
 
 
+def test_a_stream_stops_at_the_step_every_row_has_said_eos_and_not_before():
+    m = tiny_model()
+    query = lambda c: [BYTES.bos_id, BYTES.q_id, c, BYTES.a_id]
+    stm = m.new_memory(1, generator=torch.Generator().manual_seed(0)).repeat(1, 2, 1, 1)  # both rows one memory
+    memory_kv = m.decoder.project_memory(stm)
+
+    def run(prompts, eos):  # (B, steps) greedy tokens
+        return torch.stack(list(engine.stream(m.decoder, m.embed, torch.tensor(prompts), None, memory_kv,
+                                              temperature=0, max_new_tokens=12, eos_id=eos)), 1)
+    free = run([query(77), query(77)], None)
+    eos = free[0, 2].item()
+    first = (free[0] == eos).nonzero()[0].item()  # both rows say it first at this step (2 or before)
+    assert torch.equal(run([query(77), query(77)], eos), free[:, :first + 1])
+    other = run([query(77), query(90)], None)[1]
+    assert not (other == eos).any()  # this row never says it: the stream goes on to max_new_tokens for it
+    assert run([query(77), query(90)], eos).shape == (2, 12)
+
+
 # -----------------------------------------------------------------------------
 # chat.py: the session
 

@@ -501,8 +501,17 @@ def test_train_mrl_refuses_out_of_range_phase_settings_before_any_work(tmp_path)
     base = ["--device=cpu", "--data_dir=/nonexistent", f"--out_dir={tmp_path / 'out'}", "--phases=mem,smat,mrl,dmpo"]
     for flag in ("--dmpo_pairs={}", "--dmpo_pairs={'other': 0.0}", "--dmpo_pairs={'bogus': 1.0}",
                  "--dmpo_pairs={'other': -1.0, 'binding': 2.0}", "--mem_jitter=0.5", "--mrl_reset_prob=1.5",
-                 "--smat_unfreeze_encoder_at=1.5", "--mrl_top_p=0.001"):
+                 "--smat_unfreeze_encoder_at=1.5", "--mrl_top_p=0.001", "--mrl_ppo_epochs=0", "--mrl_max_answer=0",
+                 "--length_buckets=0", "--mrl_clip_eps=0.0", "--dmpo_beta=0.0"):
         with pytest.raises(cli.ConfigError, match=flag[2:].partition("=")[0] + "=.*must be"):
+            train_mrl.main(base + [flag])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flag_for_a_phase_that_does_not_run_is_refused_before_any_work(tmp_path):
+    base = ["--device=cpu", "--data_dir=/nonexistent", f"--out_dir={tmp_path / 'out'}", "--phases=smat"]
+    for flag in ("--mrl_iters=5", "--dmpo_beta=0.2", "--mem_lr=1e-4"):
+        with pytest.raises(cli.ConfigError, match=f"--{flag[2:].partition('=')[0]} would change nothing"):
             train_mrl.main(base + [flag])
     assert not (tmp_path / "out").exists()
 

@@ -117,6 +117,23 @@ def test_own_wrong_answers_and_the_anchor_join_the_loss(world):
     assert loss.item() == pytest.approx(plain.item() + 0.5 * metrics["anchor"].item(), rel=1e-4)
 
 
+def test_dmpo_logs_the_mean_margin_over_its_pairs(world, monkeypatch):
+    """The logged margin is the batch's mean, so runs of any batch size compare."""
+    tok, model = setup(world)
+    reference = deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    seen, real = [], rl.dpo_loss
+    monkeypatch.setattr(rl, "dpo_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    batch = batch_of(tok, colour_binding(6, seed=1), {"binding": 1.0})
+    _, metrics = rl.dmpo_loss(model, reference, batch, dict(train_mrl.DEFAULTS, seq_len=64), tok,
+                              torch.Generator().manual_seed(0))
+    margins = seen[0][1]
+    assert margins.shape == (6,) and margins.abs().sum() > 0
+    assert metrics["margin"].item() == pytest.approx(margins.mean().item(), rel=1e-6)
+
+
 def test_dmpo_raises_the_accepted_over_rejected_margin_on_held_out_episodes_and_keeps_the_reference(world, tmp_path):
     """One fact per episode ("Mia likes red."), the rejected answer another colour of the same list (no prior over
     colours tells them apart: only the memory can). From a briefly SMAT-trained start, a few DMPO steps make the
