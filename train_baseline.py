@@ -40,9 +40,6 @@ def main(argv):
             raise cli.ConfigError(f"distances={cfg['distances']}: {cfg['episodes_file']} has episodes at {have}")
         episodes = [ep for ep in episodes if ep["distance"] in cfg["distances"]]
     model = training.init_model(cfg, tok, device, kind=StatelessDecoder)
-    if cfg["seq_len"] > model.cfg.seq_len:
-        raise cli.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
-                              f"(set model_args={{'seq_len': ...}} when it is created)")
 
     if cfg["dialogue"]:
         n_val = max(1, len(episodes) // 50)

@@ -218,12 +218,18 @@ def init_model(cfg, tokenizer, device, kind=ReactiveTransformer):
         if model.cfg.vocab_size != tokenizer.vocab_size:
             raise cli.CheckpointError(f"{cfg['init_from']} has vocab {model.cfg.vocab_size}, tokenizer "
                                       f"{tokenizer.vocab_size}")
-        return model
-    try:
-        mcfg = get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])
-    except (TypeError, ValueError) as e:
-        raise cli.ConfigError(str(e))
-    return kind(mcfg).to(device)
+    else:
+        try:
+            mcfg = get_config(cfg["preset"], vocab_size=tokenizer.vocab_size, **cfg["model_args"])
+        except (TypeError, ValueError) as e:
+            raise cli.ConfigError(str(e))
+        model = kind(mcfg).to(device)
+    # the model's seq_len is the longest interaction chat and evaluate give it; a stage cutting its batches longer
+    # would train on positions the model never meets in use, so a mismatched preset is refused here, not learned
+    if cfg["seq_len"] > model.cfg.seq_len:
+        raise cli.ConfigError(f"seq_len {cfg['seq_len']} is longer than the model's context {model.cfg.seq_len} "
+                              f"(set model_args={{'seq_len': ...}} when it is created)")
+    return model
 
 
 def start(cfg, model, params, *, stage, device, rank=0, extra_modules=None):

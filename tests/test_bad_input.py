@@ -76,7 +76,8 @@ def stage_cases(world, out):
         (train_baseline.main, flags + ["--distances=[]"], ["distances"]),
         (train_baseline.main, flags + ["--dialogue=True", "--distances=[99]"], ["99"]),
         (train_baseline.main, flags + ["--dialogue=True", "--distances=[1,99]"], ["99"]),
-    ]
+    ] + [(main, flags + ["--seq_len=4096"], ["seq_len 4096", "context"])  # longer than the nano model's 128
+         for main in (train_mlm.main, train_joint.main, train_mrl.main, train_baseline.main)]
 
 
 def test_training_scripts_refuse_bad_settings_before_any_work(world, tmp_path, capsys):

@@ -195,14 +195,16 @@ def test_model_from_checkpoint_defaults_to_rxt_and_names_bad_configs_kinds_and_t
         training.load_weights(small_model(d_model=32), ckpt["model"], path)
 
 
-def test_init_model_applies_model_args_and_kind_and_refuses_unknown_model_args():
+def test_init_model_applies_model_args_and_kind_and_refuses_unknown_model_args_and_overlong_batches():
     tok = byte_tok()
-    cfg = dict(training.TRAIN_DEFAULTS, model_args=SMALL)
+    cfg = dict(training.TRAIN_DEFAULTS, model_args=SMALL, seq_len=SMALL["seq_len"])
     m = training.init_model(cfg, tok, "cpu")
     assert isinstance(m, ReactiveTransformer) and m.cfg.d_model == 16 and m.cfg.vocab_size == tok.vocab_size
     assert isinstance(training.init_model(cfg, tok, "cpu", kind=StatelessDecoder), StatelessDecoder)
     with pytest.raises(cli.ConfigError, match="no_such_field"):
         training.init_model(dict(cfg, model_args={"no_such_field": 1}), tok, "cpu")
+    with pytest.raises(cli.ConfigError, match=f"seq_len {SMALL['seq_len'] + 1} is longer"):
+        training.init_model(dict(cfg, seq_len=SMALL["seq_len"] + 1), tok, "cpu")
 
 
 def test_resuming_restores_extra_modules_trains_the_model_and_compiles_only_when_asked(tmp_path, monkeypatch):

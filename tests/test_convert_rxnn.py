@@ -349,7 +349,7 @@ def test_the_checkpoint_loads_like_any_other_and_starts_a_training_stage(checkpo
     assert ckpt["stage"] == "converted" and ckpt["config"]["rope"] == "rxnn"
     assert tok.encode("Mia has a red ball.") == REF["tokenizer"][0][1]
     assert max_diff(outputs(model)[2], outputs(models["rxnn"])[2]) == 0
-    cfg = dict(training.TRAIN_DEFAULTS, init_from=checkpoint)
+    cfg = dict(training.TRAIN_DEFAULTS, init_from=checkpoint, seq_len=model.cfg.seq_len)
     assert isinstance(training.init_model(cfg, tok, torch.device("cpu")), ReactiveTransformer)
 
 

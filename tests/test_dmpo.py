@@ -150,7 +150,7 @@ def test_dmpo_raises_the_accepted_over_rejected_margin_on_held_out_episodes_and_
         opt.step()
     start = tmp_path / "smat.pt"
     training.save_checkpoint(str(start), model, stage="smat", step=0, cfg={}, tokenizer=tok)
-    reference = training.init_model(dict(train_mrl.DEFAULTS, init_from=str(start)), tok, "cpu").requires_grad_(False)
+    reference = training.init_model(dict(cfg, init_from=str(start)), tok, "cpu").requires_grad_(False)
     held_out = batch_of(tok, colour_episodes(64, seed=99), {"other": 1.0}, values=COLOURS)
     with torch.no_grad():
         before = rl.dmpo_loss(model, reference, held_out, cfg, tok, torch.Generator().manual_seed(0))[1]
