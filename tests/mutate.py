@@ -2909,6 +2909,18 @@ MUTATIONS = [
     ('train_mrl.py', 'flagged = {a[2:].partition("=")[0] for a in argv', 'flagged = {a[1:].partition("=")[0] for a in argv',
      ['tests/test_contracts_training.py::test_a_flag_for_a_phase_that_does_not_run_is_refused_before_any_work'],
      "flags for phases that do not run are no longer refused (the run trains the phases it has)"),
+    ('rl.py', 'ans_mask=ans_mask,', 'ans_mask=attn_mask,',
+     ['tests/test_rl_mechanics.py'], "the rollout stores the whole interaction mask as the answer mask: IMPO's policy, entropy and KL terms count the query tokens too"),
+    ('rl.py', 'probe = [episode_turns(ep)[-1]["query"] for ep in episodes]', 'probe = [episode_turns(ep)[0]["query"] for ep in episodes]',
+     ['tests/test_dmpo.py::test_rejected_answers_are_paired_with_the_probe_question'], "DMPO pairs the rejected answers with the first turn's query instead of the probe question"),
+    ('engine.py', 'if top_k is not None and top_k < logits.size(-1):', 'if top_k is not None:',
+     ['tests/test_contracts_runtime.py'], 'a top_k larger than the vocabulary is no longer ignored: sampling crashes in topk'),
+    ('cli.py', 'result = main(sys.argv[1:] if argv is None else argv)', 'result = main(argv or sys.argv[1:])',
+     ['tests/test_contracts_runtime.py'], "run(main, []) ignores the explicit empty argument list and reads the process's own command line instead"),
+    ('chat.py', 'max_new_tokens=64,', 'max_new_tokens=128,',
+     ['tests/test_contracts_runtime.py'], "the default answer length exceeds half of the nano model's 128-token interactions: plain `python chat.py` stops with a config error"),
+    ('data/tokenizer.py', 'return self.enc.decode_bytes(self._valid(ids))', 'return self.enc.decode_bytes(ids)',
+     ['tests/test_data_tokenizer.py'], 'decode_bytes no longer maps out-of-vocabulary ids to [UNK]: streaming such an id (padded embeddings) crashes'),
 ]
 
 

@@ -40,8 +40,9 @@ def test_top_k_and_top_p_keep_the_most_likely_tokens_wherever_they_sit_in_the_vo
     assert set(engine.sample_next(logits, 1.0, top_p=0.8, generator=g).tolist()) == {2, 4}  # 0.64 + 0.23 reaches 0.8
     assert set(engine.sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {2}
     assert set(engine.sample_next(logits, 1.0, top_k=3, top_p=0.99, generator=g).tolist()) == {1, 2, 4}  # both apply
-    # off: top_k as large as the vocabulary, top_p 1.0 - every token can be drawn
+    # off: top_k as large as the vocabulary (or larger), top_p 1.0 - every token can be drawn
     assert set(engine.sample_next(logits, 1.0, top_k=5, top_p=1.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    assert set(engine.sample_next(logits, 1.0, top_k=50, generator=g).tolist()) == {0, 1, 2, 3, 4}  # chat's 50, 5 ids
     kept = engine.sample_next(logits, 1.0, top_p=0.8, generator=g)
     share = (kept == 2).float().mean().item()  # renormalised over the kept two: 0.64 / 0.87 = 0.73
     assert abs(share - 0.7311) < 0.03
@@ -159,6 +160,8 @@ def session_of(**cfg):
 def test_chat_defaults_are_greedy_with_no_filters_and_a_seeded_generator():
     assert chat.DEFAULTS["temperature"] == 0 and chat.DEFAULTS["top_k"] == 0 and chat.DEFAULTS["top_p"] == 1.0
     assert chat.DEFAULTS["ckpt"] == "out/nano/mrl/ckpt.pt" and chat.DEFAULTS["device"] == "cpu"
+    # plain `python chat.py` on the demo's nano model: the answer budget fits half its 128-token interactions
+    assert 0 < chat.DEFAULTS["max_new_tokens"] <= get_config("nano").seq_len // 2
     a, b, c = session_of(seed=5), session_of(seed=5), session_of(seed=6)
     assert torch.equal(a.stm, b.stm) and not torch.equal(a.stm, c.stm)  # the first memory comes from the seed
     assert a.stm.shape == (TINY["n_layers"], 1, TINY["stm_size"], TINY["d_model"])
@@ -330,6 +333,7 @@ def test_run_returns_mains_result_reads_sys_argv_and_turns_ctrl_c_into_exit_130(
     monkeypatch.setattr("sys.argv", ["script.py", "--a=1", "b"])
     assert cli.run(lambda argv: ("got", argv)) == ("got", ["--a=1", "b"])  # argv None: the command line's
     assert cli.run(lambda argv: argv, ["--x=2"]) == ["--x=2"]
+    assert cli.run(lambda argv: argv, []) == []  # an explicit empty list is no flags, not the command line's
 
     def interrupted(argv):
         raise KeyboardInterrupt

@@ -142,6 +142,14 @@ def test_vocab_size_is_exact_and_specials_follow_the_ranks():
     assert tok.decode(ids) == "".join(SPECIAL_TOKENS)
 
 
+def test_ids_past_the_vocabulary_decode_and_stream_as_unk():
+    """A padded embedding lets the model sample ids the tokenizer lacks: text and streamed bytes both read [UNK]."""
+    tok = Tokenizer(train_bpe(CORPUS, 300, verbose=False))
+    ids = tok.encode("a cat") + [tok.vocab_size, tok.vocab_size + 7, -1]
+    assert tok.decode(ids) == "a cat[UNK][UNK][UNK]"
+    assert tok.decode_bytes(ids) == b"a cat[UNK][UNK][UNK]"
+
+
 def test_user_text_never_becomes_a_special_token(tok):
     text = "[Q] what? [A] [EOS][BOS][PAD][MASK][T] <|endoftext|>"
     ids = tok.encode(text)

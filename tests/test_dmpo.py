@@ -117,6 +117,21 @@ def test_own_wrong_answers_and_the_anchor_join_the_loss(world):
     assert loss.item() == pytest.approx(plain.item() + 0.5 * metrics["anchor"].item(), rel=1e-4)
 
 
+def test_rejected_answers_are_paired_with_the_probe_question(world, monkeypatch):
+    """Accepted and rejected differ in the answer only: both follow the episode's last query, the probe."""
+    tok, model = setup(world)
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:6]
+    seen, real = [], rl.collate_interactions
+    monkeypatch.setattr(rl, "collate_interactions", lambda tok, records, *a: seen.append(records) or real(
+        tok, records, *a))
+    batch = batch_of(tok, eps, {"other": 1.0})
+    rl.dmpo_loss(model, deepcopy(model).requires_grad_(False), batch, dict(train_mrl.DEFAULTS, seq_len=64), tok,
+                 torch.Generator().manual_seed(0))
+    probes = [rl.episode_turns(ep)[-1]["query"] for ep in eps]
+    assert probes[0] != rl.episode_turns(eps[0])[0]["query"]
+    assert [r["query"] for r in seen[0]] == probes and [r["answer"] for r in seen[0]] == [t for _, t in batch["rejected"]]
+
+
 def test_dmpo_logs_the_mean_margin_over_its_pairs(world, monkeypatch):
     """The logged margin is the batch's mean, so runs of any batch size compare."""
     tok, model = setup(world)

@@ -78,6 +78,8 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
             assert s["q_ids"][b][s["q_mask"][b]].tolist() == query
             q = int(s["q_mask"][b].sum())
             assert s["ids"][b, q:q + int(ans_len[b])].tolist() == ans[b, :int(ans_len[b])].tolist()
+            # IMPO's terms count the answer only: the mask marks the positions predicting the sampled tokens
+            assert s["ans_mask"][b].nonzero().flatten().tolist() == list(range(q - 1, q - 1 + int(ans_len[b])))
     assert [probe for _, _, probe in refs] == [False, True]  # only the last turn is the question (recall reward)
     for (ref_ids, ref_mask, _), t in zip(refs, (1, 2)):
         for b, ep in enumerate(eps):
