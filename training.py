@@ -209,7 +209,8 @@ TRAIN_DEFAULTS = dict(
 
 
 def init_model(cfg, tokenizer, device, kind=ReactiveTransformer):
-    """A fresh model of cfg's preset (vocab from the tokenizer), or the previous stage's weights from init_from."""
+    """A fresh model of cfg's preset (vocab from the tokenizer), or the previous stage's weights from init_from;
+    either way refused when the stage's seq_len is longer than the model's context."""
     if cfg["init_from"]:
         model = model_from_checkpoint(load_checkpoint(cfg["init_from"], device), cfg["init_from"], device)
         if not isinstance(model, kind):
