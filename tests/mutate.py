@@ -2921,6 +2921,21 @@ MUTATIONS = [
      ['tests/test_contracts_runtime.py'], "the default answer length exceeds half of the nano model's 128-token interactions: plain `python chat.py` stops with a config error"),
     ('data/tokenizer.py', 'return self.enc.decode_bytes(self._valid(ids))', 'return self.enc.decode_bytes(ids)',
      ['tests/test_data_tokenizer.py'], 'decode_bytes no longer maps out-of-vocabulary ids to [UNK]: streaming such an id (padded embeddings) crashes'),
+    # joint pre-training's copy rows (round twelve)
+    ('train_joint.py', '    swap[:always] = True\n', '',
+     [STAGES + 'test_copy_rows_ask_for_the_second_copy_and_never_read_their_own_ed'],
+     'copy rows may read their own ED (which holds the copy)'),
+    ('train_joint.py', 'targets[i, start:start + span - 1] = row[start + 1:start + span]',
+     'targets[i, start - 1:start + span - 1] = row[start:start + span]',
+     [STAGES + 'test_copy_rows_ask_for_the_second_copy_and_never_read_their_own_ed'],
+     "copy rows also ask for the second copy's first token, which nothing before it predicts"),
+    ('train_joint.py', "torch.randint(span, (1,), generator=g)", "torch.randint(1, (1,), generator=g)",
+     [STAGES + 'test_copy_rows_ask_for_the_second_copy_and_never_read_their_own_ed'],
+     'copy rows without a gap: position stands in for content'),
+    ('train_joint.py', 'n_copy = 0 if cfg["sft"] else int(', 'n_copy = 0 if False else int(',
+     ['tests/test_contracts_training.py'], 'SFT batches get copy rows too'),
+    ('train_joint.py', 'copy_rows=cli.between(0, 1)', 'copy_rows=cli.at_least(0)',
+     ['tests/test_contracts_training.py'], 'copy_rows above 1 accepted'),
 ]
 
 

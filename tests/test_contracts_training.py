@@ -587,6 +587,35 @@ def test_joints_loss_weights_the_balancing_loss_and_adds_the_memory_noise_only_w
         train_joint.main(tiny_flags(data_dir=byte_world, ed_swap=1.5))
 
 
+def test_joints_copy_rows_replace_the_first_rows_of_pre_training_batches_only(monkeypatch, byte_world):
+    seen = run_main(monkeypatch, train_joint, byte_world, batch_size=8, seq_len=32, copy_rows=0.25)
+    ids, mask, targets = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
+    bos, eos = seen["tokenizer"].bos_id, seen["tokenizer"].eos_id
+    for row, m in zip(ids[:2], mask):  # span 10 at seq_len 32: [BOS] s gap s [EOS]
+        real = row[m]
+        assert real[0] == bos and real[-1] == eos and torch.equal(real[1:11], real[-11:-1])
+    assert not any(row[0] == bos and row[row != seen["tokenizer"].pad_id][-1] == eos for row in ids[2:])
+    memories, eds = [], []
+    real_mlm, real_decode = seen["model"].mlm, seen["model"].decode
+    seen["model"].mlm = lambda *a: (lambda out: eds.append(out[0]) or out)(real_mlm(*a))
+    seen["model"].decode = lambda i, memory, *a: memories.append(memory) or real_decode(i, memory, *a)
+    seen["cfg"].update(noise_std=0.0, ed_swap=0.0)
+    seen["loss_fn"](seen["model"], (ids, mask, targets), 0, torch.Generator().manual_seed(0))
+    assert torch.equal(memories[0][:, :2], eds[0][:, [7, 0]]) and torch.equal(memories[0][:, 2:], eds[0][:, 2:])
+    sft = run_main(monkeypatch, train_joint, byte_world, batch_size=8, sft=True, copy_rows=0.5)
+    batch = sft["get_batch"]("train", 0, torch.Generator().manual_seed(0))
+    assert (batch[0] == sft["tokenizer"].q_id).any(dim=1).all()  # every SFT row is still an interaction
+    memories.clear(), eds.clear()
+    real_mlm, real_decode = sft["model"].mlm, sft["model"].decode
+    sft["model"].mlm = lambda *a: (lambda out: eds.append(out[0]) or out)(real_mlm(*a))
+    sft["model"].decode = lambda i, memory, *a: memories.append(memory) or real_decode(i, memory, *a)
+    sft["cfg"].update(noise_std=0.0, ed_swap=0.0)
+    sft["loss_fn"](sft["model"], batch, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(memories[0], eds[0])  # and every row reads its own ED
+    with pytest.raises(cli.ConfigError, match="copy_rows"):
+        train_joint.main(tiny_flags(data_dir=byte_world, copy_rows=1.5))
+
+
 @pytest.mark.parametrize("module,flags,file", [
     (train_joint, dict(sft=True), "interactions.jsonl"),
     (train_baseline, dict(dialogue=True, distances=[1, 2], seq_len=64), "episodes_train.jsonl")])

@@ -132,6 +132,28 @@ def test_rejected_answers_are_paired_with_the_probe_question(world, monkeypatch)
     assert [r["query"] for r in seen[0]] == probes and [r["answer"] for r in seen[0]] == [t for _, t in batch["rejected"]]
 
 
+def test_on_policy_rejected_answers_are_generated_for_their_own_episodes_probes(world, monkeypatch):
+    """kind "own": the model answers the probe of that episode, from that episode's memory, and its answer becomes
+    that episode's rejected answer - not the first episodes' in the batch."""
+    tok, model = setup(world)
+    eps = [ep for ep in read_jsonl(os.path.join(world, "episodes_train.jsonl")) if ep["distance"] == 2][:6]
+    batch = batch_of(tok, eps, {"other": 1.0})
+    batch["rejected"] = [("own", t) if b in (2, 4) else (k, t) for b, (k, t) in enumerate(batch["rejected"])]
+    asked, stms, real_q, real_gen = [], [], rl.collate_queries, rl.engine.generate
+    monkeypatch.setattr(rl, "collate_queries", lambda tok, queries, *a: asked.append(queries) or real_q(tok, queries, *a))
+    monkeypatch.setattr(rl.engine, "generate", lambda m, q, qm, stm, **kw: stms.append(stm) or real_gen(m, q, qm, stm, **kw))
+    seen, real = [], rl.collate_interactions
+    monkeypatch.setattr(rl, "collate_interactions", lambda tok, records, *a: seen.append(records) or real(
+        tok, records, *a))
+    rl.dmpo_loss(model, deepcopy(model).requires_grad_(False), batch, dict(train_mrl.DEFAULTS, seq_len=64), tok,
+                 torch.Generator().manual_seed(0))
+    probes = [rl.episode_turns(ep)[-1]["query"] for ep in eps]
+    assert asked == [[probes[2], probes[4]]] and stms[0].size(1) == 2
+    assert [r["query"] for r in seen[0]] == probes  # each rejected answer stays beside its own probe
+    kept = [t for k, t in batch["rejected"]]
+    assert [r["answer"] for r in seen[0]][:2] == kept[:2] and seen[0][3]["answer"] == kept[3]
+
+
 def test_dmpo_logs_the_mean_margin_over_its_pairs(world, monkeypatch):
     """The logged margin is the batch's mean, so runs of any batch size compare."""
     tok, model = setup(world)

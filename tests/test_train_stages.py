@@ -161,6 +161,28 @@ def test_ed_swap_gives_a_share_of_rows_another_rows_memory_and_mask():
     assert swapped and kept and len(swapped) + len(kept) == 6
 
 
+def test_copy_rows_ask_for_the_second_copy_and_never_read_their_own_ed():
+    """Joint pre-training's copy rows: `[BOS] s gap s [EOS]`, the targets are the second copy from its second token
+    (an induction head's job), the gap varies, and a copy row always reads another row's ED."""
+    class Tok:  # the three things copy_rows uses
+        ranks, pad_id, bos_id, eos_id = dict.fromkeys(range(50)), 60, 61, 62
+    ids, mask, targets = train_joint.copy_rows(8, 64, Tok, torch.Generator().manual_seed(0))
+    gaps = set()
+    for row, m, t in zip(ids, mask, targets):
+        real = row[m]
+        assert real[0] == 61 and real[-1] == 62 and torch.equal(m, row != 60)
+        s, gap = real[1:17], len(real) - 2 - 32
+        assert torch.equal(real[-17:-1], s) and (real[1:-1] < 50).all()
+        start = 1 + 16 + gap
+        assert torch.equal(t[start:start + 15], s[1:]) and (t[:start] == -100).all() and (t[start + 15:] == -100).all()
+        gaps.add(gap)
+    assert len(gaps) > 1 and max(gaps) < 16
+    ed, emask = torch.randn(2, 6, 5, 4), torch.rand(6, 5) > 0.3
+    out, out_mask = train_joint.swap_memory(ed, emask, 0.0, torch.Generator().manual_seed(0), always=2)
+    assert torch.equal(out[:, :2], ed[:, [5, 0]]) and torch.equal(out_mask[:2], emask[[5, 0]])
+    assert torch.equal(out[:, 2:], ed[:, 2:])
+
+
 def test_joint_training_reads_a_detached_ed_so_only_the_mlm_loss_trains_the_encoder(world, tmp_path, monkeypatch):
     from model import ReactiveTransformer
     reads, real = [], ReactiveTransformer.decode
