@@ -2936,6 +2936,20 @@ MUTATIONS = [
      ['tests/test_contracts_training.py'], 'SFT batches get copy rows too'),
     ('train_joint.py', 'copy_rows=cli.between(0, 1)', 'copy_rows=cli.at_least(0)',
      ['tests/test_contracts_training.py'], 'copy_rows above 1 accepted'),
+    # held-out set 12's misses, now pinned
+    ('train_joint.py', 'records = read_jsonl(os.path.join(cfg["data_dir"], cfg["sft_file"]))',
+     'records = read_jsonl(os.path.join(cfg["data_dir"], "interactions.jsonl"))',
+     ['tests/test_contracts_training.py'], 'SFT ignores --sft_file'),
+    ('train_mrl.py', 'episode_pools(episodes, max(1, len(episodes) // 50),', 'episode_pools(episodes, len(episodes) // 50,',
+     ['tests/test_contracts_training.py'], 'an episodes file of fewer than 50 episodes has no validation episodes'),
+    ('train_baseline.py', "raise cli.ConfigError(f\"distances={cfg['distances']}:", "raise cli.UserError(f\"distances={cfg['distances']}:",
+     BAD_SETTINGS, 'a distance the episodes file lacks exits 1 (a file) instead of 2 (a setting)'),
+    ('convert_rxnn.py', 'in dec.tensors or\n                        "model.layers.0.ff.b1" in dec.tensors,', 'in dec.tensors,',
+     CONVERT, "rxlm's stacked experts with biases (b1/b2) are refused for leftover tensors"),
+    ('chat.py', 'raise cli.CheckpointError(f"checkpoint not found:', 'raise cli.ConfigError(f"checkpoint not found:',
+     ['tests/test_bad_input.py'], 'a missing checkpoint exits 2 (a setting) instead of 1 (a file)'),
+    ('train_mlm.py', 'out_dir="out/nano/mlm")', 'out_dir="out/nano/joint")',
+     ['tests/test_contracts_training.py'], "train_mlm without a config writes into the joint stage's folder"),
 ]
 
 

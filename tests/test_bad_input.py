@@ -85,6 +85,7 @@ def test_training_scripts_refuse_bad_settings_before_any_work(world, tmp_path, c
     for main, argv, words in stage_cases(world, out):
         code, err = run(main, argv, capsys)
         assert_one_line_error(code, err, *words)
+        assert code == (1 if "not found" in words else 2), (argv, "a setting exits 2, a missing file 1")
         assert not out.exists(), (argv, "wrote something")
 
 
@@ -109,6 +110,7 @@ def test_evaluate_refuses_bad_settings(world, ckpt, garbage, tmp_path, capsys):
                         (base + ["--distance=[1]"], ["unknown config key 'distance'"])]:
         code, err = run(evaluate.main, argv, capsys)
         assert_one_line_error(code, err, *words)
+        assert code == (1 if ".jsonl" in words[0] or "checkpoint" in words[0] else 2), (argv, code)
         assert not os.path.exists(out)
 
 
@@ -122,6 +124,7 @@ def test_chat_refuses_bad_sampling_flags_and_checkpoints(ckpt, garbage, tmp_path
                         ([f"--ckpt={ckpt}", "--temprature=0.5"], ["unknown config key"])]:
         code, err = run(chat.main, argv, capsys)
         assert_one_line_error(code, err, *words)
+        assert code == (1 if "checkpoint" in words[0] or "not found" in words else 2), (argv, code)
 
 
 def test_demo_refuses_unknown_options_before_the_first_stage(tmp_path, monkeypatch, capsys):

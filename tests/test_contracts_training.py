@@ -23,6 +23,7 @@ import train_mrl
 import training
 from conftest import tiny_flags
 from data.loaders import episode_tensors
+from data.memory_world import read_jsonl
 from data.tokenizer import Tokenizer, save_ranks
 from model import Critic, ReactiveTransformer, StatelessDecoder, get_config
 
@@ -638,3 +639,49 @@ def test_exact_match_refuses_an_answer_that_runs_past_the_reference():
     assert not exact_match(ans, torch.tensor([3]), ref, ref_mask).item()
     assert exact_match(ans, torch.tensor([2]), ref, ref_mask).item()
     assert not exact_match(ans, torch.tensor([1]), ref, ref_mask).item()
+
+
+def test_sft_trains_on_the_interactions_file_its_flag_names(monkeypatch, byte_world, tmp_path):
+    for name in ("tokenizer.tiktoken", "interactions.jsonl"):
+        os.symlink(os.path.join(byte_world, name), tmp_path / name)
+    with open(tmp_path / "mine.jsonl", "w") as f:
+        for i in range(100):
+            f.write(json.dumps({"query": f"Mine {i}?", "answer": "Yes.", "i": 1000 + i}) + "\n")
+    seen = run_main(monkeypatch, train_joint, str(tmp_path), sft=True, sft_file="mine.jsonl")
+    drawn = []
+    monkeypatch.setattr(train_joint, "collate_interactions",
+                        lambda tok, records, n: drawn.extend(records) or [torch.zeros(1, dtype=torch.long)] * 3)
+    for split in ("train", "val"):
+        seen["get_batch"](split, 0, torch.Generator().manual_seed(0))
+    assert drawn and all(r["i"] >= 1000 for r in drawn)  # never the default interactions.jsonl beside it
+
+
+def test_mrl_keeps_one_validation_episode_from_a_file_of_fewer_than_fifty(monkeypatch, byte_world, tmp_path):
+    os.symlink(os.path.join(byte_world, "tokenizer.tiktoken"), tmp_path / "tokenizer.tiktoken")
+    episodes = read_jsonl(os.path.join(byte_world, "episodes_train.jsonl"))[:20]
+    with open(tmp_path / "few.jsonl", "w") as f:
+        f.writelines(json.dumps(ep) + "\n" for ep in episodes)
+    seen = {}
+    monkeypatch.setitem(train_mrl.TRAIN, "smat", lambda pcfg, model, tok, pools, *a: seen.update(pools) or {})
+    train_mrl.main(tiny_flags(data_dir=str(tmp_path), out_dir=str(tmp_path / "out"), model_args=SMALL,
+                              phases="smat", episodes_file="few.jsonl", smat_curriculum=[[1]]))
+    n_val = sum(len(v) for v in seen["val"].values())
+    assert n_val == 1 and n_val + sum(len(v) for v in seen["train"].values()) == 20
+
+
+def test_each_stage_writes_where_the_next_stage_looks_for_its_start():
+    """The nano chain run by hand (README): a stage run with or without its config writes the checkpoint that the
+    next stage's config starts from, and no two stages share a folder."""
+    CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config", "")
+
+    def out(module, *files):
+        return os.path.join(cli.configure(module.DEFAULTS, list(files))["out_dir"], "ckpt.pt")
+
+    def start(module, file):
+        return cli.configure(module.DEFAULTS, [file])["init_from"]
+
+    assert out(train_mlm) == out(train_mlm, CONFIG + "nano_mlm.py") == start(train_joint, CONFIG + "nano_joint.py")
+    assert out(train_joint) == out(train_joint, CONFIG + "nano_joint.py") == start(train_joint, CONFIG + "nano_sft.py")
+    assert out(train_joint, CONFIG + "nano_sft.py") == start(train_mrl, CONFIG + "nano_mrl.py")
+    defaults = [out(train_mlm), out(train_joint), out(train_joint, CONFIG + "nano_sft.py"), out(train_baseline)]
+    assert len(set(defaults)) == len(defaults)

@@ -375,3 +375,20 @@ def test_bench_runs_a_conversation_with_the_converted_model(checkpoint, tmp_path
                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(out.read_text())["conversation"]["preset"] == checkpoint
+
+
+def test_stacked_experts_with_biases_convert_with_their_biases(tmp_path):
+    """rxlm's stacked layout can also carry per-expert biases, ff.b1 (E, 2H) and ff.b2 (E, D): they are recognised
+    (expert_bias) and land in the experts, instead of being refused as leftover tensors."""
+    dirs = fixture_copy(tmp_path, "rxlm3")
+    w = convert_rxnn.read_safetensors(str(dirs["decoder"] / "model.safetensors"), "test")
+    E, D, H2 = w["model.layers.0.ff.w1"].shape
+    g = torch.Generator().manual_seed(0)
+    b2 = {l: torch.randn(E, D, generator=g).to(torch.bfloat16) for l in range(2)}
+    edit(dirs["decoder"], add={**{f"model.layers.{l}.ff.b1": torch.zeros(E, H2, dtype=torch.bfloat16) for l in range(2)},
+                               **{f"model.layers.{l}.ff.b2": b2[l] for l in range(2)}})
+    m = convert_rxnn.convert(dict(settings("rxlm3"), **{k: str(v) for k, v in dirs.items()}))[0]
+    assert m.cfg.expert_bias
+    for l in range(2):
+        moe = m.decoder.layers[l].moe
+        assert torch.equal(moe.b_down.detach(), b2[l].float()) and not moe.b_gate_up.detach().any()
