@@ -220,3 +220,24 @@ def test_the_cosine_reward_adds_to_bleu_and_recall(world):
     assert base[0] > 1.0  # the exact answer: BLEU 1 + recall 1
     cos = with_cos - base  # the cosine of mean embeddings, at most 1
     assert cos[0].item() == pytest.approx(1.0, abs=1e-5) and -1 <= cos[1].item() < 1
+
+
+def test_impo_clips_at_mrl_clip_eps_and_reports_the_ratio_over_the_answer_tokens(world):
+    from model import token_logprobs
+    off = dict(mrl_memory_reg=0.0, mrl_value_coef=0.0, mrl_entropy_coef=0.0, mrl_kl_coef=0.0)
+    tok, model, cfg = setup(world, **off)
+    critic = train_mrl.Critic(model)
+    play = rl.rollout(model, episodes(), tok, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the policy moves after the rollout, so that ratios leave 1 and clipping matters
+        model.decoder.lm_head.weight.add_(0.3 * torch.randn_like(model.decoder.lm_head.weight))
+    losses = {eps: rl.impo_loss(model, critic, play, dict(cfg, mrl_clip_eps=eps))[0].item() for eps in (0.01, 0.2, 10.0)}
+    assert len({round(v, 6) for v in losses.values()}) == 3, losses
+    with torch.no_grad():  # the ratio by hand: pi / pi_old on the sampled answer tokens only, averaged over turns
+        stm, want = model.update_memory(play["stm0"], *play["first"]), 0.0
+        for s in play["steps"]:
+            logp = token_logprobs(model.decode(s["ids"], stm, attn_mask=s["mask"])[0], s["ids"])[0]
+            m = s["ans_mask"][:, :-1]
+            want += ((logp - s["old_logp"]).exp() * m).sum().item() / m.sum().item() / len(play["steps"])
+            stm = model.update_memory(stm, s["ids"], s["mask"])
+    _, metrics = rl.impo_loss(model, critic, play, cfg)
+    assert metrics["ratio"] == pytest.approx(want, rel=1e-4) and abs(want - 1) > 1e-3
