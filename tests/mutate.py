@@ -2954,6 +2954,9 @@ MUTATIONS = [
     ('rl.py', 'cfg["mrl_clip_eps"])', '0.2)', IMPO, 'IMPO ignores mrl_clip_eps and always clips at 0.2'),
     ('rl.py', '("ratio", (ratio * m).sum() / tokens)', '("ratio", ratio.mean())', IMPO,
      'the logged ratio averages over query and padding positions too'),
+    ('train_mrl.py', '    lr=cfg[f"{phase}_lr"],', '    lr=cfg["smat_lr"],', IMPO, 'every memory phase trains at smat_lr'),
+    ('train_mrl.py', 'dmpo_detach_stm=False', 'dmpo_detach_stm=True', DMPO,
+     "DMPO's default detaches each write's input instead of keeping the whole chain's gradients"),
 ]
 
 

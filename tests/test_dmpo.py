@@ -258,9 +258,10 @@ def test_dmpo_detaches_each_writes_input_only_when_asked(world, monkeypatch):
     batch = batch_of(tok, eps, {"other": 1.0})
     inputs, real = [], model.update_memory
     monkeypatch.setattr(model, "update_memory", lambda stm, *a: inputs.append(stm.requires_grad) or real(stm, *a))
-    for detach in (False, True):
+    for detach in (False, True, None):  # None: the defaults, which keep the whole chain's gradients
         inputs.clear()
-        rl.dmpo_loss(model, reference, batch, dict(train_mrl.DEFAULTS, seq_len=64, dmpo_detach_stm=detach), tok,
+        flag = {} if detach is None else {"dmpo_detach_stm": detach}
+        rl.dmpo_loss(model, reference, batch, dict(train_mrl.DEFAULTS, seq_len=64, **flag), tok,
                      torch.Generator().manual_seed(0))
         assert inputs == [False] + [not detach] * (len(batch["turns"]) - 2), detach  # the first: a fresh STM
 

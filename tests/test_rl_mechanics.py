@@ -180,6 +180,18 @@ def test_a_short_phase_warms_up_over_a_tenth_of_its_steps(world, tmp_path, monke
     assert seen["min_lr"] == pytest.approx(seen["lr"] / 10)  # each phase decays to a tenth of its lr
 
 
+def test_each_memory_phase_trains_at_its_own_lr(world, tmp_path, monkeypatch):
+    seen = {}
+    for phase in train_mrl.PHASES:
+        monkeypatch.setitem(train_mrl.TRAIN, phase, lambda pcfg, *a, phase=phase: seen.update({phase: pcfg["lr"]}) or {})
+    monkeypatch.setattr(train_mrl.training, "init_model", lambda *a, **kw: None)  # phases chain nothing here
+    lrs = {phase: (i + 1) * 1e-4 for i, phase in enumerate(train_mrl.PHASES)}
+    for phases in ("mem,smat,mrl", "smat,dmpo"):
+        train_mrl.main(tiny_flags(data_dir=world, out_dir=str(tmp_path), phases=phases,
+                                  **{f"{p}_lr": lrs[p] for p in phases.split(",")}))
+    assert seen == lrs
+
+
 @pytest.mark.parametrize("buckets", [1, 2])
 def test_the_episode_pools_are_sorted_by_length_only_when_batches_come_from_length_buckets(world, tmp_path,
                                                                                           monkeypatch, buckets):
