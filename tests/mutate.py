@@ -2957,6 +2957,21 @@ MUTATIONS = [
     ('train_mrl.py', '    lr=cfg[f"{phase}_lr"],', '    lr=cfg["smat_lr"],', IMPO, 'every memory phase trains at smat_lr'),
     ('train_mrl.py', 'dmpo_detach_stm=False', 'dmpo_detach_stm=True', DMPO,
      "DMPO's default detaches each write's input instead of keeping the whole chain's gradients"),
+    # held-out set 14's misses, now pinned
+    ('train_mlm.py', 'seq_len=128, mask_prob=0.15,\n', 'seq_len=128, mask_prob=0.25,\n',
+     ['tests/test_contracts_training.py'], "train_mlm's default masks 25% of the tokens, not the documented 15%"),
+    ('train_mrl.py', 'reference = training.init_model(cfg, tok, device).eval().requires_grad_(False)',
+     'reference = model', ['tests/test_contracts_training.py'],
+     "DMPO's reference is the policy itself, not a frozen copy of the phase's start"),
+    ('train_mrl.py', 'phases = [p for p in cfg["phases"].split(",") if p]',
+     'phases = sorted(p for p in cfg["phases"].split(",") if p)', ['tests/test_contracts_training.py'],
+     'the phases run in alphabetical order, not in the order given'),
+    ('rl.py', '"pref_acc": (policy["w"] > policy["l"]).float().mean()}',
+     '"pref_acc": (policy["w"] - ref["w"] > policy["l"]).float().mean()}', DMPO,
+     "DMPO's pref_acc compares an implicit reward with a log-probability"),
+    ('data/tokenizer.py', '"specials": self.specials, "pat_str": self.pat_str, "vocab_size"',
+     '"specials": self.specials, "vocab_size"', CONVERT,
+     "a converted tokenizer's checkpoint state leaves out its pre-tokenizer pattern"),
 ]
 
 

@@ -493,6 +493,11 @@ def test_each_phase_trains_under_its_name_on_its_own_curriculum(monkeypatch):
     batch = dmpo["get_batch"]("train", 0, g())
     assert dmpo["stage"] == "dmpo" and {ep["distance"] for ep in batch["episodes"]} == {1}
     assert [kind for kind, _ in batch["rejected"]] == ["binding"] * 4  # the mix dmpo_pairs asks for
+    # DMPO scores the policy against a frozen copy of the phase's start, never against the policy itself
+    refs = []
+    monkeypatch.setattr(train_mrl, "dmpo_loss", lambda model, reference, *a: refs.append(reference) or (0, {}))
+    dmpo["loss_fn"](m, batch, 0, g())
+    assert refs[0] is not m and not refs[0].training and not any(p.requires_grad for p in refs[0].parameters())
     # SMAT's loss sets the unfreeze schedule of the step it is given
     smat["loss_fn"](m, smat["get_batch"]("train", 0, g()), 0, g())
     assert not any(p.requires_grad for p in m.encoder.parameters())
@@ -517,6 +522,20 @@ def test_a_flag_for_a_phase_that_does_not_run_is_refused_before_any_work(tmp_pat
         with pytest.raises(cli.ConfigError, match=f"--{flag[2:].partition('=')[0]} would change nothing"):
             train_mrl.main(base + [flag])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_phases_run_in_the_order_given_each_from_the_previous_ones_checkpoint(tmp_path, monkeypatch):
+    ran = []
+    for phase in train_mrl.PHASES:
+        monkeypatch.setitem(train_mrl.TRAIN, phase, lambda cfg, *a, p=phase: ran.append((p, cfg["init_from"])) or {})
+    monkeypatch.setattr(train_mrl.training, "init_model", lambda *a, **kw: small_model())
+    save_ranks(str(tmp_path / "tokenizer.tiktoken"), {bytes([i]): i for i in range(256)})
+    with open(tmp_path / "episodes_train.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps(episode(1, i=i)) + "\n")
+    train_mrl.main(["--device=cpu", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--init_from=start.pt",
+                    "--phases=smat,mem", "--smat_curriculum=[[1]]", "--mem_curriculum=[[1]]"])
+    assert ran == [("smat", "start.pt"), ("mem", os.path.join(str(tmp_path / "out"), "smat", "ckpt.pt"))]
 
 
 def test_a_curriculum_distance_absent_from_validation_is_refused(tmp_path, monkeypatch):
@@ -563,6 +582,15 @@ def test_the_mlm_stage_trains_embed_encoder_and_head_on_masks_of_mask_prob(monke
         masked, mask, targets)
     _, metrics = seen["loss_fn"](seen["model"], ids, 0, torch.Generator().manual_seed(0))
     assert 0.35 < counted[0] < 0.65 and metrics["tokens"] == 128
+    # unset, the share is the documented 15% (1,024 tokens: 3 sigma is 3.3 points, and 25% is 9 points away)
+    seen = run_main(monkeypatch, train_mlm, byte_world, batch_size=16, seq_len=64)
+    counted.clear()
+    real = seen["model"].mlm
+    seen["model"].mlm = lambda masked, mask, targets: counted.append((targets != -100).float().mean()) or real(
+        masked, mask, targets)
+    seen["loss_fn"](seen["model"], seen["get_batch"]("train", 0, torch.Generator().manual_seed(0)), 0,
+                    torch.Generator().manual_seed(0))
+    assert 0.117 < counted[0] < 0.183
     for bad in (0.95, 0.005):
         with pytest.raises(cli.ConfigError, match="mask_prob"):
             train_mlm.main(tiny_flags(data_dir=byte_world, mask_prob=bad))

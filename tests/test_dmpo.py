@@ -161,14 +161,17 @@ def test_dmpo_logs_the_mean_margin_over_its_pairs(world, monkeypatch):
     with torch.no_grad():
         for p in model.decoder.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    seen, real = [], rl.dpo_loss
-    monkeypatch.setattr(rl, "dpo_loss", lambda *a: seen.append(real(*a)) or seen[-1])
+    seen, args, real = [], [], rl.dpo_loss
+    monkeypatch.setattr(rl, "dpo_loss", lambda *a: args.append(a) or seen.append(real(*a)) or seen[-1])
     batch = batch_of(tok, colour_binding(6, seed=1), {"binding": 1.0})
     _, metrics = rl.dmpo_loss(model, reference, batch, dict(train_mrl.DEFAULTS, seq_len=64), tok,
                               torch.Generator().manual_seed(0))
     margins = seen[0][1]
     assert margins.shape == (6,) and margins.abs().sum() > 0
     assert metrics["margin"].item() == pytest.approx(margins.mean().item(), rel=1e-6)
+    # pref_acc: the share of pairs the policy itself ranks accepted-first, from its log-probabilities alone
+    policy_w, policy_l = args[0][:2]
+    assert metrics["pref_acc"].item() == pytest.approx((policy_w > policy_l).float().mean().item())
 
 
 def test_dmpo_raises_the_accepted_over_rejected_margin_on_held_out_episodes_and_keeps_the_reference(world, tmp_path):
