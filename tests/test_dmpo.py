@@ -154,7 +154,7 @@ def test_on_policy_rejected_answers_are_generated_for_their_own_episodes_probes(
     assert [r["answer"] for r in seen[0]][:2] == kept[:2] and seen[0][3]["answer"] == kept[3]
 
 
-def test_dmpo_logs_the_mean_margin_over_its_pairs(world, monkeypatch):
+def test_dmpo_logs_the_mean_margin_and_how_often_the_policy_itself_ranks_the_accepted_answer_first(world, monkeypatch):
     """The logged margin is the batch's mean, so runs of any batch size compare."""
     tok, model = setup(world)
     reference = deepcopy(model).requires_grad_(False)
