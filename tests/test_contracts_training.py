@@ -524,18 +524,14 @@ def test_a_flag_for_a_phase_that_does_not_run_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_the_phases_run_in_the_order_given_each_from_the_previous_ones_checkpoint(tmp_path, monkeypatch):
+def test_the_phases_run_in_the_order_given_each_from_the_previous_ones_checkpoint(tmp_path, monkeypatch, byte_world):
     ran = []
     for phase in train_mrl.PHASES:
         monkeypatch.setitem(train_mrl.TRAIN, phase, lambda cfg, *a, p=phase: ran.append((p, cfg["init_from"])) or {})
-    monkeypatch.setattr(train_mrl.training, "init_model", lambda *a, **kw: small_model())
-    save_ranks(str(tmp_path / "tokenizer.tiktoken"), {bytes([i]): i for i in range(256)})
-    with open(tmp_path / "episodes_train.jsonl", "w") as f:
-        for i in range(60):
-            f.write(json.dumps(episode(1, i=i)) + "\n")
-    train_mrl.main(["--device=cpu", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--init_from=start.pt",
+    monkeypatch.setattr(train_mrl.training, "init_model", lambda *a, **kw: None)  # the phases above train nothing
+    train_mrl.main(["--device=cpu", f"--data_dir={byte_world}", f"--out_dir={tmp_path}", "--init_from=start.pt",
                     "--phases=smat,mem", "--smat_curriculum=[[1]]", "--mem_curriculum=[[1]]"])
-    assert ran == [("smat", "start.pt"), ("mem", os.path.join(str(tmp_path / "out"), "smat", "ckpt.pt"))]
+    assert ran == [("smat", "start.pt"), ("mem", os.path.join(str(tmp_path), "smat", "ckpt.pt"))]
 
 
 def test_a_curriculum_distance_absent_from_validation_is_refused(tmp_path, monkeypatch):
@@ -576,21 +572,19 @@ def test_the_mlm_stage_trains_embed_encoder_and_head_on_masks_of_mask_prob(monke
     assert seen["tokenizer"].vocab_size == 264  # checkpoints carry the tokenizer
     ids = seen["get_batch"]("train", 0, torch.Generator().manual_seed(0))
     assert ids.shape == (4, 32)
-    counted = []
-    real = seen["model"].mlm
-    seen["model"].mlm = lambda masked, mask, targets: counted.append((targets != -100).float().mean()) or real(
-        masked, mask, targets)
-    _, metrics = seen["loss_fn"](seen["model"], ids, 0, torch.Generator().manual_seed(0))
-    assert 0.35 < counted[0] < 0.65 and metrics["tokens"] == 128
+
+    def masked_share(seen, ids):  # the share of tokens the stage's loss asks the MLM head for, and its metrics
+        counted, real = [], seen["model"].mlm
+        seen["model"].mlm = lambda masked, mask, targets: counted.append((targets != -100).float().mean()) or real(
+            masked, mask, targets)
+        _, metrics = seen["loss_fn"](seen["model"], ids, 0, torch.Generator().manual_seed(0))
+        return counted[0], metrics
+
+    share, metrics = masked_share(seen, ids)
+    assert 0.35 < share < 0.65 and metrics["tokens"] == 128
     # unset, the share is the documented 15% (1,024 tokens: 3 sigma is 3.3 points, and 25% is 9 points away)
     seen = run_main(monkeypatch, train_mlm, byte_world, batch_size=16, seq_len=64)
-    counted.clear()
-    real = seen["model"].mlm
-    seen["model"].mlm = lambda masked, mask, targets: counted.append((targets != -100).float().mean()) or real(
-        masked, mask, targets)
-    seen["loss_fn"](seen["model"], seen["get_batch"]("train", 0, torch.Generator().manual_seed(0)), 0,
-                    torch.Generator().manual_seed(0))
-    assert 0.117 < counted[0] < 0.183
+    assert 0.117 < masked_share(seen, seen["get_batch"]("train", 0, torch.Generator().manual_seed(0)))[0] < 0.183
     for bad in (0.95, 0.005):
         with pytest.raises(cli.ConfigError, match="mask_prob"):
             train_mlm.main(tiny_flags(data_dir=byte_world, mask_prob=bad))
