@@ -47,15 +47,17 @@ def test_the_entropy_bonus_lowers_the_loss_and_the_policy_kl_raises_it(world):
 
 def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_reference_with_eos(world, monkeypatch):
     tok, model, cfg = setup(world)
-    writes, sampled, refs = [], [], []
+    writes, written, read, sampled, refs = [], [], [], [], []
     real_update, real_generate = model.update_memory, engine.generate
 
     def update(stm, ids, attn_mask=None, chunks=None):
         writes.append(ids.clone())
-        return real_update(stm, ids, attn_mask, chunks)
+        written.append(real_update(stm, ids, attn_mask, chunks))
+        return written[-1]
 
     def generate(*args, **kw):
         assert kw["eos_id"] == tok.eos_id  # a sampled answer ends at its [EOS], as it would in a chat
+        read.append(args[3] if len(args) > 3 else kw.get("stm"))
         out = real_generate(*args, **kw)
         sampled.append(out)
         return out
@@ -73,6 +75,7 @@ def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_ref
     assert torch.equal(writes[0], facts)  # the first write is the facts turn, reference answer and all
     for t, (s, (ans, ans_len)) in enumerate(zip(play["steps"], sampled), start=1):
         assert torch.equal(writes[t], s["ids"])
+        assert read[t - 1] is not None and torch.equal(read[t - 1], written[t - 1])  # turn t answers from the STM so far
         for b in range(len(eps)):  # turn t asks turn t's own query
             query = render_query(tok, episode_turns(eps[b])[t]["query"], cfg["seq_len"] - cfg["mrl_max_answer"] - 1)
             assert s["q_ids"][b][s["q_mask"][b]].tolist() == query
