@@ -87,9 +87,10 @@ def test_the_stateless_baseline_answers_with_the_whole_history_in_its_prompt(mon
     monkeypatch.setattr(engine, "generate", generate)
     history = evaluate.write(model, tok, evaluate.fresh_memory(model, 1, None), [PLAIN])
     assert history == [[PLAIN]]
-    assert evaluate.write(model, tok, history, [BINDING]) == [[PLAIN, BINDING]]  # every turn stays, in order
-    evaluate.answer(model, tok, ["What colour is Mia's ball?"], history, 4)
-    want = render_dialogue(tok, [PLAIN], model.cfg.seq_len - 4 - 1, query="What colour is Mia's ball?")[0]
+    history = evaluate.write(model, tok, history, [BINDING])
+    assert history == [[PLAIN, BINDING]]  # every turn stays, in order
+    evaluate.answer(model, tok, ["What colour is Mia's ball?"], history, 4)  # and the prompt holds them all
+    want = render_dialogue(tok, [PLAIN, BINDING], model.cfg.seq_len - 4 - 1, query="What colour is Mia's ball?")[0]
     assert prompts == [[want]] and tok.encode("Mia has a red ball.")[0] in want
 
 
