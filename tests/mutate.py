@@ -2972,6 +2972,16 @@ MUTATIONS = [
     ('data/tokenizer.py', '"specials": self.specials, "pat_str": self.pat_str, "vocab_size"',
      '"specials": self.specials, "vocab_size"', CONVERT,
      "a converted tokenizer's checkpoint state leaves out its pre-tokenizer pattern"),
+    # held-out set 15's misses, now pinned
+    ('rl.py', 'ans, ans_len = engine.generate(model, q_ids, q_mask, stm, max_new_tokens=cfg["mrl_max_answer"],',
+     'ans, ans_len = engine.generate(model, q_ids, q_mask, None, max_new_tokens=cfg["mrl_max_answer"],',
+     ['tests/test_rl_mechanics.py'], 'an MRL rollout samples its answers without reading the STM'),
+    ('evaluate.py', 'ids, attn_mask = pad_rows([render_dialogue(tok, history, prompt_len, query=q)[0]',
+     'ids, attn_mask = pad_rows([render_dialogue(tok, history[-1:], prompt_len, query=q)[0]', EVAL,
+     "the stateless baseline's prompt holds only the last turn of its history"),
+    ('data/memory_world.py', 'sentence = fact_text(p, slot, x, gold, change=True, rng=rng)',
+     'sentence = fact_text(p, slot, x, gold, change=False, rng=rng)',
+     ['tests/test_data_world.py'], 'an overwrite episode tells the new value as a plain fact, not as a change'),
 ]
 
 

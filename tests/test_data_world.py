@@ -240,6 +240,14 @@ def test_train_bin_holds_the_training_stories_only(world):
     assert os.path.getsize(os.path.join(world, "train.bin")) // 2 == want
 
 
+def test_an_overwrite_is_told_as_a_change_of_the_fact_not_as_a_second_fact():
+    # "Now Mia's ball is blue." says the old value no longer holds; a plain "Mia has a blue ball." would not
+    for ep in make_episodes(200, 6, distances=(1, 4), kinds=("overwrite",)):
+        told = " ".join(t["query"] for t in episode_turns(ep)[:-1])
+        changes = [articles(c.format(p=ep["name"], x=ep["thing"], v=ep["gold"])) for c in SLOTS[ep["slot"]]["change"]]
+        assert any(c in told for c in changes), (told, changes)
+
+
 def test_an_overwrite_episodes_rival_is_the_value_before_the_last_change():
     eps = make_episodes(300, 5, distances=(4, 8), kinds=("overwrite",))
     twice = 0
