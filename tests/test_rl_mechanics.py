@@ -45,7 +45,7 @@ def test_the_entropy_bonus_lowers_the_loss_and_the_policy_kl_raises_it(world):
     assert metrics["kl"] > 0 and with_kl.item() - base.item() == pytest.approx(metrics["kl"], rel=1e-3)
 
 
-def test_a_rollout_writes_the_models_own_answers_and_scores_them_against_the_reference_with_eos(world, monkeypatch):
+def test_a_rollout_answers_from_the_stm_so_far_writes_its_own_answers_and_scores_them_with_eos(world, monkeypatch):
     tok, model, cfg = setup(world)
     writes, written, read, sampled, refs = [], [], [], [], []
     real_update, real_generate = model.update_memory, engine.generate
